@@ -1,0 +1,47 @@
+"""deltahooks: parameter-efficient fine-tuning that attaches through hooks.
+
+    >>> import torch, deltahooks as dh
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    >>> delta = dh.attach(model, dh.LoRA(targets=["0"], r=2))
+    >>> delta.detach()
+
+Importing this package never imports transformers.
+"""
+
+from .attach import attach, deltas, detach
+from .delta import Delta
+from .errors import (
+    DeltaError,
+    DeltaFileError,
+    DeltaStateError,
+    SpecError,
+    TargetError,
+    UnsupportedModuleError,
+)
+from .io import load_delta as load
+from .methods import Full, LoRA
+from .spec import DeltaSpec
+from .summary import summary
+from .targets import Paths, resolve_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Delta",
+    "DeltaError",
+    "DeltaFileError",
+    "DeltaSpec",
+    "DeltaStateError",
+    "Full",
+    "LoRA",
+    "Paths",
+    "SpecError",
+    "TargetError",
+    "UnsupportedModuleError",
+    "attach",
+    "deltas",
+    "detach",
+    "load",
+    "resolve_targets",
+    "summary",
+]

@@ -1,0 +1,287 @@
+"""The Delta: one attached set of delta tensors and its lifecycle.
+
+A :class:`Delta` is an ``nn.Module`` so that it fits where modules fit (optimizers,
+``state_dict``, ``requires_grad_``), but it owns no tensors itself: they are registered
+on the modules they adapt, and every accessor looks them up there *now*. That keeps
+one copy of each tensor, lets ``model.to()``/FSDP2 move or shard them with their layer,
+and means the delta never holds the model as a submodule (no reference cycle in
+``named_modules``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import DeltaFileError, DeltaStateError
+from .ledger import Ledger
+from .registry import close_registry_if_empty, registry_of
+from .spec import DeltaSpec, Part, Switch
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Delta(nn.Module):
+    """Delta tensors attached to a model by :func:`deltahooks.attach`.
+
+    Example:
+        >>> import deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> delta = dh.attach(model, dh.LoRA(targets=["0"], r=2))
+        >>> with delta.disabled():
+        ...     pass  # the model computes as before attach here
+        >>> delta.detach()
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        name: str,
+        specs: tuple[DeltaSpec, ...],
+        parts: list[Part],
+        ledger: Ledger,
+        switch: Switch,
+        freeze_base: bool,
+    ) -> None:
+        super().__init__()
+        # plain attributes (not submodules): the model must not become our child
+        state = self.__dict__
+        state["_root"] = root
+        state["_ledger"] = ledger
+        state["_switch"] = switch
+        state["_parts"] = parts
+        state["_freeze_base"] = freeze_base
+        state["_attached"] = True
+        state["name"] = name
+        state["specs"] = specs
+
+    # ----------------------------------------------------------------- state
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @property
+    def enabled(self) -> bool:
+        return self._switch.enabled
+
+    @property
+    def merged(self) -> bool:
+        return self._switch.merged
+
+    @property
+    def model(self) -> nn.Module:
+        """The root module this delta was attached to."""
+        return self._root
+
+    @property
+    def paths(self) -> list[str]:
+        """The target module paths, one per part, in attach order."""
+        return [part.path for part in self._parts]
+
+    @property
+    def parts(self) -> list[tuple[str, str]]:
+        """``(method, target path)`` for each part."""
+        return [(self.specs[part.spec_index].method, part.path) for part in self._parts]
+
+    def _require_attached(self, action: str) -> None:
+        if not self._attached:
+            raise DeltaStateError(
+                f"cannot {action}: delta {self.name!r} is detached; attach a new one with "
+                "deltahooks.attach(...) or deltahooks.load(...)"
+            )
+
+    # --------------------------------------------------------------- tensors
+    def _entries(self):
+        for part in self._parts:
+            yield from part.entries
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """The delta's trainable tensors, keyed by target path (e.g. ``q_proj.lora_A``)."""
+        for entry in self._entries():
+            if entry.is_parameter:
+                yield prefix + entry.key, self._ledger.tensor(entry)
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for entry in self._entries():
+            if not entry.is_parameter:
+                yield prefix + entry.key, self._ledger.tensor(entry)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the delta's tensors, keyed by the target module's path."""
+        self._require_attached("read state_dict")
+        out = OrderedDict() if destination is None else destination
+        for entry in self._entries():
+            if entry.saved:
+                tensor = self._ledger.tensor(entry)
+                out[prefix + entry.key] = tensor if keep_vars else tensor.detach()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ) -> LoadResult:
+        """Copy tensors into the delta (cast to its dtype/device); shapes must match."""
+        self._require_attached("load_state_dict")
+        if assign:
+            raise NotImplementedError(
+                "assign=True would replace the registered tensors; deltahooks copies values"
+            )
+        own = {entry.key: entry for entry in self._entries() if entry.saved}
+        missing = [key for key in own if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in own]
+        if strict and (missing or unexpected):
+            raise DeltaFileError(
+                f"delta {self.name!r} state_dict does not fit: missing keys {missing[:10]}, "
+                f"unexpected keys {unexpected[:10]}; pass strict=False to load the overlap"
+            )
+        pairs = []
+        for key, entry in own.items():
+            if key not in state_dict:
+                continue
+            target = self._ledger.tensor(entry)
+            value = state_dict[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise DeltaFileError(
+                    f"tensor {key!r} has shape {list(value.shape)}, but the delta expects "
+                    f"{list(target.shape)}; was it saved with another rank or model?"
+                )
+            if value.is_floating_point() != target.is_floating_point():
+                raise DeltaFileError(
+                    f"tensor {key!r} has dtype {value.dtype}, but the delta holds {target.dtype}"
+                )
+            pairs.append((target, value))
+        for target, value in pairs:  # all checked first: all-or-nothing
+            target.copy_(value)
+        return LoadResult(missing, unexpected)
+
+    # ------------------------------------------------------------- lifecycle
+    def forward(self, *args, **kwargs):
+        raise TypeError("a Delta is not called itself; call the model it is attached to")
+
+    def save(self, path: str | PathLike) -> None:
+        """Write only the delta (tensors + spec + format version) to a ``.safetensors`` file.
+
+        Example:
+            >>> delta.save("lora.safetensors")  # doctest: +SKIP
+        """
+        from .io import save_delta
+
+        self._require_attached("save")
+        save_delta(self, path)
+
+    def detach(self) -> None:
+        """Remove everything this delta added; the model is exactly what it was before."""
+        self._require_attached("detach")
+        if self._switch.merged:
+            self.unmerge()
+        self._ledger.undo()
+        registry = registry_of(self._root)
+        if registry is not None:
+            registry.deltas.pop(self.name, None)
+            if self._freeze_base:
+                registry.release(self.name)
+            close_registry_if_empty(self._root)
+        self.__dict__["_attached"] = False
+
+    def merge(self) -> None:
+        """Fold the delta into the base weights: a forward then costs what the base costs.
+
+        The originals are kept (not recomputed), so :meth:`unmerge` and :meth:`detach`
+        restore them bit-exactly. Merging twice is a no-op.
+        """
+        self._require_attached("merge")
+        if self._switch.merged:
+            return
+        training = [part.path for part in self._parts if self._ledger.module(part.path).training]
+        if training:
+            raise DeltaStateError(
+                f"cannot merge delta {self.name!r} while {training[0]!r} is in training mode: "
+                "later training steps would not reach the merged weights; call model.eval() first"
+            )
+        self._merge()
+
+    def _merge(self) -> None:
+        done = []
+        try:
+            for part in sorted(self._parts, key=lambda p: p.merge_order):
+                part.merge(self._ledger)
+                done.append(part)
+        except BaseException:
+            for part in reversed(done):
+                part.unmerge(self._ledger)
+            raise
+        self._set(merged=True)
+
+    def unmerge(self) -> None:
+        """Put the original weights back exactly (restored, not subtracted)."""
+        self._require_attached("unmerge")
+        if not self._switch.merged:
+            return
+        for part in reversed(sorted(self._parts, key=lambda p: p.merge_order)):
+            part.unmerge(self._ledger)
+        self._set(merged=False)
+
+    def enable(self) -> None:
+        self._require_attached("enable")
+        self._set(enabled=True)
+
+    def disable(self) -> None:
+        """Make the model compute as if the delta were absent, without removing hooks."""
+        self._require_attached("disable")
+        self._set(enabled=False)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Context manager: base behaviour inside, the delta back outside.
+
+        Example:
+            >>> with delta.disabled():  # doctest: +SKIP
+            ...     base_logits = model(x)
+        """
+        self._require_attached("disable")
+        was_enabled, was_merged = self._switch.enabled, self._switch.merged
+        if was_merged:
+            self.unmerge()
+        self._set(enabled=False)
+        try:
+            yield self
+        finally:
+            if self._attached:
+                self._set(enabled=was_enabled)
+                if was_merged:
+                    self._merge()
+
+    def _set(self, *, enabled: bool | None = None, merged: bool | None = None) -> None:
+        switch = self._switch
+        if enabled is not None:
+            switch.enabled = enabled
+        if merged is not None:
+            switch.merged = merged
+        switch.update()
+        for part in self._parts:
+            part.sync(self._ledger, switch)
+
+    def extra_repr(self) -> str:
+        counts: dict[str, int] = {}
+        for method, _ in self.parts:
+            counts[method] = counts.get(method, 0) + 1
+        where = ", ".join(f"{m}×{n}" for m, n in counts.items())
+        state = (
+            "detached" if not self._attached else f"enabled={self.enabled}, merged={self.merged}"
+        )
+        return f"name={self.name!r}, parts=[{where}], {state}"

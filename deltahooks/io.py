@@ -1,0 +1,241 @@
+"""Delta files: one ``.safetensors`` file, tensors plus a JSON header, never pickle.
+
+The header (safetensors ``__metadata__``, string → string) holds:
+
+- ``format``: ``"deltahooks.delta"``;
+- ``format_version``: an integer as text; readers refuse versions newer than theirs;
+- ``deltahooks_version``: the writer's package version;
+- ``delta``: JSON ``{"name", "parts": [{"method", "hyperparameters", "targets",
+  "exclude", "paths"}], "shapes": {key: [dims]}}``, where ``paths`` are the resolved
+  module paths, so loading re-attaches to exactly those modules.
+
+Loading checks every path and shape against the model before it changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import DeltaError, DeltaFileError
+from .targets import Paths
+
+FORMAT = "deltahooks.delta"
+FORMAT_VERSION = 1
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_delta(delta, path: str | os.PathLike) -> None:
+    """Write ``delta`` to ``path`` (see the module docstring for the layout)."""
+    tensors = {
+        key: tensor.detach().to("cpu").contiguous().clone()
+        for key, tensor in delta.state_dict().items()
+    }
+    for key, tensor in tensors.items():
+        if tensor.device.type == "meta":
+            raise DeltaFileError(f"cannot save {key!r}: it is on the meta device (no values)")
+    parts = []
+    for index, spec in enumerate(delta.specs):
+        info = spec.describe()
+        info["paths"] = [p.path for p in delta._parts if p.spec_index == index]
+        parts.append(info)
+    header = {
+        "name": delta.name,
+        "parts": parts,
+        "shapes": {key: list(t.shape) for key, t in tensors.items()},
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "deltahooks_version": _version(),
+        "delta": json.dumps(header),
+    }
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and validate a delta file's metadata without reading tensors.
+
+    Example:
+        >>> read_header("lora.safetensors")["parts"][0]["method"]  # doctest: +SKIP
+        'lora'
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DeltaFileError(f"delta file {path!r} does not exist; check the path")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DeltaFileError(
+            f"{path!r} is not a readable safetensors file ({err}); was it written by delta.save()?"
+        ) from None
+    if not metadata or metadata.get("format") != FORMAT:
+        raise DeltaFileError(
+            f"{path!r} has no deltahooks metadata (format={None if not metadata else metadata.get('format')!r}); "
+            "it was not written by delta.save(). For PEFT adapters use the PEFT importer"
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise DeltaFileError(f"{path!r}: format_version is not an integer") from None
+    if version > FORMAT_VERSION:
+        raise DeltaFileError(
+            f"{path!r} uses delta format version {version}, newer than this deltahooks "
+            f"({_version()}, format {FORMAT_VERSION}); upgrade deltahooks to read it"
+        )
+    try:
+        header = json.loads(metadata.get("delta", ""))
+        _check_header(header)
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as err:
+        raise DeltaFileError(f"{path!r}: the delta metadata is ill-formed ({err})") from None
+    return header
+
+
+def _check_header(header: Any) -> None:
+    if not isinstance(header, dict) or not isinstance(header.get("parts"), list):
+        raise ValueError("expected an object with a 'parts' list")
+    if not isinstance(header.get("shapes"), dict):
+        raise ValueError("expected a 'shapes' object")
+    for part in header["parts"]:
+        if not isinstance(part, dict) or not isinstance(part.get("method"), str):
+            raise ValueError("each part needs a 'method' string")
+        if not isinstance(part.get("hyperparameters"), dict):
+            raise ValueError("each part needs a 'hyperparameters' object")
+        paths = part.get("paths")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError("each part needs a 'paths' list of strings")
+
+
+def specs_from_header(header: dict[str, Any]) -> list:
+    from .spec import METHODS
+
+    specs = []
+    for part in header["parts"]:
+        method = part["method"]
+        if method not in METHODS:
+            raise DeltaFileError(
+                f"the file uses method {method!r}, which this deltahooks does not know "
+                f"(known: {sorted(METHODS)}); upgrade deltahooks"
+            )
+        try:
+            specs.append(METHODS[method](targets=Paths(part["paths"]), **part["hyperparameters"]))
+        except TypeError as err:
+            raise DeltaFileError(
+                f"the {method} hyperparameters in the file are invalid: {err}"
+            ) from None
+    return specs
+
+
+def load_delta(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    freeze_base: bool = True,
+    allow_nonfinite: bool = False,
+):
+    """Attach the delta stored at ``path`` to ``model``, weights included.
+
+    Nothing changes unless every module path, tensor shape and dtype fits.
+
+    Example:
+        >>> delta = dh.load(model, "lora.safetensors")  # doctest: +SKIP
+    """
+    from .attach import attach, plan_parts
+
+    header = read_header(path)
+    specs = specs_from_header(header)
+    missing = [p for part in header["parts"] for p in part["paths"] if not _has_module(model, p)]
+    if missing:
+        raise DeltaFileError(
+            f"{os.fspath(path)!r} was made for another model: module paths {missing[:5]} do "
+            f"not exist in {type(model).__name__}"
+        )
+    tensors = _read_tensors(path)
+    try:
+        parts = plan_parts(model, tuple(specs))
+    except DeltaError as err:
+        raise DeltaFileError(f"{os.fspath(path)!r} does not fit this model: {err}") from None
+    expected = {}
+    for part in parts:
+        for (owner, local), (value, _) in part.tensors.items():
+            expected[f"{owner}.{local}" if owner else local] = value
+    _check_tensors(path, tensors, expected, allow_nonfinite)
+    delta = attach(
+        model, specs, name=header.get("name") if name is None else name, freeze_base=freeze_base
+    )
+    try:
+        delta.load_state_dict(tensors)
+    except BaseException:
+        delta.detach()
+        raise
+    return delta
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _read_tensors(path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DeltaFileError(f"{os.fspath(path)!r}: cannot read tensors ({err})") from None
+
+
+def _check_tensors(path, found: dict, expected: dict, allow_nonfinite: bool) -> None:
+    where = os.fspath(path)
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    if missing or extra:
+        raise DeltaFileError(
+            f"{where!r}: tensors do not match its own spec: missing {missing[:5]}, extra {extra[:5]}"
+        )
+    for key, want in expected.items():
+        have = found[key]
+        if tuple(have.shape) != tuple(want.shape):
+            raise DeltaFileError(
+                f"{where!r}: tensor {key!r} has shape {list(have.shape)}, but the model needs "
+                f"{list(want.shape)}"
+            )
+        if have.is_floating_point() != want.is_floating_point():
+            raise DeltaFileError(
+                f"{where!r}: tensor {key!r} has dtype {have.dtype}, the model needs {want.dtype}"
+            )
+        if not allow_nonfinite and have.is_floating_point() and have.numel():
+            if not bool(torch.isfinite(have).all()):
+                raise DeltaFileError(
+                    f"{where!r}: tensor {key!r} contains NaN or Inf; pass allow_nonfinite=True "
+                    "to load it anyway"
+                )
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """A short human-readable description of a delta file (for ``deltahooks info``)."""
+    header = read_header(path)
+    size = os.path.getsize(path)
+    count = sum(math.prod(shape) for shape in header["shapes"].values())
+    lines = [f"{os.fspath(path)}: delta {header.get('name')!r}, {count:,} values, {size:,} bytes"]
+    for part in header["parts"]:
+        lines.append(
+            f"  {part['method']} {part['hyperparameters']} on {len(part['paths'])} modules"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""The only place that changes a model: every hook, tensor and shadow a delta adds is
+recorded here, so that detach removes exactly what was added and nothing else.
+
+Entries name modules by their path from the delta's root, never by a captured module
+object, so a deep-copied model's ledger undoes on the copy, and code that swaps a
+module's parameters (FSDP2, ``model.to``) does not leave the ledger pointing at stale
+tensors. Hooks registered by others (accelerate, FSDP, user code) are never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import DeltaStateError
+
+RESERVED_PREFIX = "dh__"
+"""Every tensor a delta registers on a module has a local name starting with this."""
+
+
+def reserved_name(delta_name: str, local: str) -> str:
+    """The module-level name of a delta tensor, e.g. ``dh__default__lora_A``."""
+    return f"{RESERVED_PREFIX}{delta_name}__{local}"
+
+
+def is_reserved(name: str) -> bool:
+    """True when a (possibly dotted) tensor name belongs to a delta."""
+    return name.rsplit(".", 1)[-1].startswith(RESERVED_PREFIX)
+
+
+def join(path: str, local: str) -> str:
+    """Dotted path join where either side may be empty (the root)."""
+    return f"{path}.{local}" if path and local else path or local
+
+
+@dataclass
+class TensorEntry:
+    """A parameter or buffer registered on the module at ``path`` under ``reserved``."""
+
+    path: str
+    local: str
+    reserved: str
+    is_parameter: bool
+    saved: bool  # part of the delta's state_dict and file
+
+    @property
+    def key(self) -> str:
+        return join(self.path, self.local)
+
+
+@dataclass
+class HookEntry:
+    path: str
+    handle: RemovableHandle
+
+
+@dataclass
+class ShadowEntry:
+    """An instance-``__dict__`` entry that makes ``module.<attr>`` resolve to another tensor."""
+
+    path: str
+    attr: str
+
+
+class Ledger:
+    """Registers delta state on a model and undoes it exactly, in reverse order.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> ledger = Ledger(model, "default")
+        >>> _ = ledger.add_tensor("0", "scale", torch.ones(2))
+        >>> ledger.undo()
+        >>> list(model.state_dict())
+        ['0.weight', '0.bias']
+    """
+
+    def __init__(self, root: nn.Module, delta_name: str) -> None:
+        self.root = root
+        self.delta_name = delta_name
+        self.entries: list = []
+
+    def module(self, path: str) -> nn.Module:
+        return self.root.get_submodule(path) if path else self.root
+
+    def add_tensor(
+        self,
+        path: str,
+        local: str,
+        tensor: torch.Tensor,
+        *,
+        parameter: bool = True,
+        saved: bool = True,
+        requires_grad: bool = True,
+    ) -> TensorEntry:
+        """Register ``tensor`` on the module at ``path`` under a reserved name."""
+        module = self.module(path)
+        name = reserved_name(self.delta_name, local)
+        if name in module._parameters or name in module._buffers or hasattr(module, name):
+            raise DeltaStateError(
+                f"module {path or '<root>'!r} already has {name!r}: a delta named "
+                f"{self.delta_name!r} is attached there already; detach it or choose another name"
+            )
+        if parameter:
+            module.register_parameter(name, nn.Parameter(tensor, requires_grad=requires_grad))
+        else:
+            module.register_buffer(name, tensor, persistent=saved)
+        entry = TensorEntry(path, local, name, parameter, saved)
+        self.entries.append(entry)
+        return entry
+
+    def tensor(self, entry: TensorEntry) -> torch.Tensor:
+        """The live tensor of an entry, looked up now (never a captured reference)."""
+        module = self.module(entry.path)
+        store = module._parameters if entry.is_parameter else module._buffers
+        return store[entry.reserved]
+
+    def forward_hook(self, path: str, hook, **options) -> HookEntry:
+        handle = self.module(path).register_forward_hook(hook, **options)
+        entry = HookEntry(path, handle)
+        self.entries.append(entry)
+        return entry
+
+    def forward_pre_hook(self, path: str, hook, **options) -> HookEntry:
+        handle = self.module(path).register_forward_pre_hook(hook, **options)
+        entry = HookEntry(path, handle)
+        self.entries.append(entry)
+        return entry
+
+    def shadow(self, path: str, attr: str, value: torch.Tensor) -> ShadowEntry:
+        """Make ``module.attr`` return ``value`` without touching ``module._parameters``."""
+        module = self.module(path)
+        if attr in module.__dict__:
+            raise DeltaStateError(
+                f"{join(path, attr)!r} is already redirected by another delta; "
+                "detach that delta first"
+            )
+        module.__dict__[attr] = value
+        entry = ShadowEntry(path, attr)
+        self.entries.append(entry)
+        return entry
+
+    def remove(self, entry) -> None:
+        """Undo one entry now (e.g. a temporary buffer dropped on unmerge)."""
+        self._undo(entry)
+        self.entries.remove(entry)
+
+    def undo(self) -> None:
+        """Remove everything this ledger added, newest first."""
+        while self.entries:
+            self._undo(self.entries.pop())
+
+    def _undo(self, entry) -> None:
+        if isinstance(entry, HookEntry):
+            entry.handle.remove()
+            return
+        module = self.module(entry.path)
+        if isinstance(entry, ShadowEntry):
+            module.__dict__.pop(entry.attr, None)
+        elif entry.is_parameter:
+            module._parameters.pop(entry.reserved, None)
+        else:
+            module._buffers.pop(entry.reserved, None)
+            module._non_persistent_buffers_set.discard(entry.reserved)

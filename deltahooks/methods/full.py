@@ -1,0 +1,125 @@
+"""Full: train every parameter of whole modules (a new task head, say) on copies.
+
+PEFT calls this ``modules_to_save``, OpenDelta ``unfrozen_modules``. The delta keeps
+trainable copies of the target's parameters and persistent buffers, registered next
+to the originals under reserved names; an instance-``__dict__`` entry makes
+``module.weight`` resolve to the copy, so the module's own forward uses it with no
+hook arithmetic, while ``state_dict()`` and ``detach`` still see the untouched originals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModuleError
+from ..ledger import Ledger, join
+from ..spec import DeltaSpec, Part, Switch, register_method, swap_in, swap_out
+from .lora import raise_if_training_merged
+
+
+@register_method
+@dataclass(frozen=True, kw_only=True)
+class Full(DeltaSpec):
+    """Train whole modules: every parameter (and persistent buffer) of each target.
+
+    Example:
+        >>> import deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> delta = dh.attach(model, dh.Full(targets=["1"]))
+        >>> sorted(delta.state_dict())
+        ['1.bias', '1.weight']
+    """
+
+    method = "full"
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        if next(iter(_owned(module)), None) is None:
+            raise UnsupportedModuleError(
+                f"Full has nothing to train in {path or '<root>'!r} ({type(module).__name__}): "
+                "it holds no parameters or persistent buffers; target a module that does"
+            )
+
+    def make_part(self, path: str, module: nn.Module, root: nn.Module) -> FullPart:
+        tensors = {}
+        for sub, attr, tensor, is_param in _owned(module):
+            copy = tensor.detach().clone()
+            tensors[(join(path, sub), attr)] = (copy, is_param)
+        return FullPart(path, tensors)
+
+
+def _owned(module: nn.Module):
+    """(submodule path, attribute, tensor, is_parameter) for everything a Full copy holds."""
+    for sub, owner in module.named_modules():
+        for attr, param in owner._parameters.items():
+            if param is not None:
+                yield sub, attr, param, True
+        for attr, buf in owner._buffers.items():
+            if buf is not None and attr not in owner._non_persistent_buffers_set:
+                yield sub, attr, buf, False
+
+
+class _Redirect:
+    """Forward pre-hook on each owner: (re)points ``module.<attr>`` at the live copy.
+
+    The shadow is set at attach already; re-reading it per call keeps it right when
+    something (FSDP2, ``model.to``) replaced the registered copy with a new tensor.
+    """
+
+    __slots__ = ("pairs", "switch")
+
+    def __init__(self, switch: Switch, pairs: list[tuple[str, str, bool]]):
+        self.switch = switch
+        self.pairs = pairs
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not self.switch.active:
+            raise_if_training_merged(self.switch, module)
+        apply_redirect(module, self.switch.active, self.pairs)
+
+
+def apply_redirect(module: nn.Module, active: bool, pairs) -> None:
+    shadows = module.__dict__
+    if active:
+        for attr, reserved, is_param in pairs:
+            store = module._parameters if is_param else module._buffers
+            shadows[attr] = store[reserved]
+    else:
+        for attr, _, _ in pairs:
+            shadows.pop(attr, None)
+
+
+class FullPart(Part):
+    merge_order = 0  # replaces tensors: must merge before additive parts on them
+
+    def __init__(self, path, tensors) -> None:
+        super().__init__(path, tensors)
+        self.owners: dict[str, list[tuple[str, str, bool]]] = {}
+        self.keeps: list = []
+
+    def install(self, ledger: Ledger, switch: Switch) -> None:
+        self.register_tensors(ledger)
+        for entry in self.entries:
+            self.owners.setdefault(entry.path, []).append(
+                (entry.local, entry.reserved, entry.is_parameter)
+            )
+            ledger.shadow(entry.path, entry.local, ledger.tensor(entry))
+        for owner, pairs in self.owners.items():
+            ledger.forward_pre_hook(owner, _Redirect(switch, pairs))
+
+    def sync(self, ledger: Ledger, switch: Switch) -> None:
+        for owner, pairs in self.owners.items():
+            apply_redirect(ledger.module(owner), switch.active, pairs)
+
+    @torch.no_grad()
+    def merge(self, ledger: Ledger) -> None:
+        for entry in self.entries:
+            value = ledger.tensor(entry).detach().clone()
+            self.keeps.append(swap_in(ledger, entry.path, entry.local, value))
+
+    def unmerge(self, ledger: Ledger) -> None:
+        for entry, keep in zip(self.entries, self.keeps, strict=True):
+            swap_out(ledger, entry.path, entry.local, keep)
+        self.keeps = []

@@ -1,0 +1,224 @@
+"""LoRA (Hu et al., 2021): ``y = f(x) + s · B(A(dropout(x)))``, with ``s = α/r`` (or ``α/√r``).
+
+Training runs as a forward-hook bypass on the unchanged module; :meth:`Delta.merge`
+folds ``s · BA`` into the weight so a merged forward costs what the base costs.
+Tensor layouts follow PEFT (``A``: r × fan-in, ``B``: fan-out × r; for embeddings
+``A``: r × num_embeddings, ``B``: embedding_dim × r) so files convert without transposes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DeltaStateError, SpecError, UnsupportedModuleError
+from ..ledger import Ledger
+from ..spec import DeltaSpec, Part, Switch, check_probability, register_method, swap_in, swap_out
+from ..targets import first_match, is_conv1d_gpt2
+
+INITS = ("default", "gaussian", "random")
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_conv1d_gpt2(module):
+        return "conv1d_gpt2"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    return None
+
+
+def raise_if_training_merged(switch: Switch, module: nn.Module) -> None:
+    """Hooks call this when inactive: a merged delta cannot learn (its tensors are unused)."""
+    if switch.merged and module.training and torch.is_grad_enabled():
+        raise DeltaStateError(
+            f"delta {switch.name!r} is merged, so training would not update it; "
+            "call delta.unmerge() before training, or model.eval() / torch.no_grad() for inference"
+        )
+
+
+@register_method
+@dataclass(frozen=True, kw_only=True)
+class LoRA(DeltaSpec):
+    """Low-rank update of Linear, GPT-2 Conv1D, Embedding and Conv1d/2d/3d (groups=1) layers.
+
+    Example:
+        >>> import deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> delta = dh.attach(model, dh.LoRA(targets=["0"], r=2, alpha=4))
+        >>> sorted(delta.state_dict())
+        ['0.lora_A', '0.lora_B']
+    """
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Literal["default", "gaussian", "random"] = "default"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for where, rank in [("r", self.r), *self.rank_pattern.items()]:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise SpecError(f"LoRA rank {where}={rank!r} must be a positive integer, e.g. r=8")
+        for where, alpha in [("alpha", self.alpha), *self.alpha_pattern.items()]:
+            if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+                raise SpecError(f"LoRA alpha {where}={alpha!r} must be a finite number >= 0")
+        check_probability("LoRA dropout", self.dropout)
+        if self.init not in INITS:
+            raise SpecError(f"LoRA init={self.init!r} is unknown; choose one of {list(INITS)}")
+        for name, pattern in (
+            ("rank_pattern", self.rank_pattern),
+            ("alpha_pattern", self.alpha_pattern),
+        ):
+            if not all(isinstance(k, str) for k in pattern):
+                raise SpecError(f"LoRA {name} keys must be target strings such as 'down_proj'")
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        kind = _kind(module)
+        if kind is None:
+            raise UnsupportedModuleError(
+                f"LoRA cannot adapt {path!r} ({type(module).__name__}); it supports nn.Linear, "
+                "transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Narrow targets "
+                "(e.g. add exclude=...) or target the linear layers inside it"
+            )
+        if kind == "conv" and module.groups != 1:
+            raise UnsupportedModuleError(
+                f"LoRA on grouped convolution {path!r} (groups={module.groups}) is not "
+                "supported; exclude it from targets"
+            )
+
+    def make_part(self, path: str, module: nn.Module, root: nn.Module) -> LoRAPart:
+        rank = first_match(path, module, self.rank_pattern, root) or self.r
+        alpha = first_match(path, module, self.alpha_pattern, root)
+        alpha = self.alpha if alpha is None else alpha
+        scale = alpha / math.sqrt(rank) if self.rslora else alpha / rank
+        kind = _kind(module)
+        weight = module.weight
+        like = {"device": weight.device, "dtype": weight.dtype}
+        if kind == "embedding":
+            num, dim = weight.shape
+            a = torch.empty(rank, num, **like)
+            b = torch.empty(dim, rank, **like)
+        elif kind == "conv":
+            a = torch.empty(rank, weight.shape[1], *weight.shape[2:], **like)
+            b = torch.empty(weight.shape[0], rank, *([1] * (weight.dim() - 2)), **like)
+        else:
+            fan_out, fan_in = weight.shape if kind == "linear" else weight.shape[::-1]
+            a = torch.empty(rank, fan_in, **like)
+            b = torch.empty(fan_out, rank, **like)
+        _initialise(a, b, self.init, kind, rank)
+        tensors = {(path, "lora_A"): (a, True), (path, "lora_B"): (b, True)}
+        dropout = 0.0 if kind == "embedding" else self.dropout
+        return LoRAPart(path, tensors, kind, scale, dropout)
+
+
+@torch.no_grad()
+def _initialise(a: torch.Tensor, b: torch.Tensor, init: str, kind: str, rank: int) -> None:
+    # The zero factor makes the delta start at exactly zero; for embeddings it is A
+    # (PEFT's convention), since A is what the token ids index.
+    first, second = (b, a) if kind == "embedding" else (a, b)
+    if init == "default":
+        if kind == "embedding":
+            nn.init.normal_(first)
+        else:
+            nn.init.kaiming_uniform_(first, a=math.sqrt(5))
+        nn.init.zeros_(second)
+    elif init == "gaussian":
+        nn.init.normal_(first, std=1.0 / rank)
+        nn.init.zeros_(second)
+    else:  # "random": both factors non-zero, so tests see a real delta
+        nn.init.normal_(first, std=1.0 / math.sqrt(first.shape[-1]))
+        nn.init.normal_(second, std=1.0 / math.sqrt(rank))
+
+
+class _Bypass:
+    """The forward hook: adds ``s · B(A(x))`` to the module's output."""
+
+    __slots__ = ("a", "b", "dropout", "kind", "scale", "switch")
+
+    def __init__(self, switch: Switch, a: str, b: str, scale: float, dropout: float, kind: str):
+        self.switch = switch
+        self.a = a
+        self.b = b
+        self.scale = scale
+        self.dropout = dropout
+        self.kind = kind
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        if not self.switch.active:
+            raise_if_training_merged(self.switch, module)
+            return None
+        params = module._parameters
+        a = params[self.a]
+        b = params[self.b]
+        x = args[0]
+        kind = self.kind
+        if kind == "embedding":
+            h = F.embedding(x, a.t(), module.padding_idx)
+            return output + F.linear(h, b) * self.scale
+        if self.dropout and module.training:
+            x = F.dropout(x, self.dropout, True)
+        if kind == "conv":
+            h = module._conv_forward(x, a, None)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
+            return output + conv(h, b) * self.scale
+        h = F.linear(x, a)
+        # one GEMM that accumulates into a copy of the output: out + s · h Bᵀ
+        flat = torch.addmm(
+            output.reshape(-1, output.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            b.t(),
+            alpha=self.scale,
+        )
+        return flat.view(output.shape)
+
+
+class LoRAPart(Part):
+    def __init__(self, path, tensors, kind: str, scale: float, dropout: float) -> None:
+        super().__init__(path, tensors)
+        self.kind = kind
+        self.scale = scale
+        self.dropout = dropout
+        self.keep = None
+
+    def install(self, ledger: Ledger, switch: Switch) -> None:
+        self.register_tensors(ledger)
+        a, b = (entry.reserved for entry in self.entries)
+        hook = _Bypass(switch, a, b, self.scale, self.dropout, self.kind)
+        ledger.forward_hook(self.path, hook)
+
+    @torch.no_grad()
+    def delta_weight(self, ledger: Ledger) -> torch.Tensor:
+        """``s · BA`` in the layout of the module's own weight, in at least float32."""
+        weight = ledger.module(self.path).weight
+        exact = torch.promote_types(weight.dtype, torch.float32)
+        a, b = (ledger.tensor(entry).to(exact) for entry in self.entries)
+        if self.kind == "conv":
+            update = (b.flatten(1) @ a.flatten(1)).view(weight.shape)
+        else:
+            update = b @ a
+            if self.kind in ("conv1d_gpt2", "embedding"):
+                update = update.t()
+        return update * self.scale
+
+    @torch.no_grad()
+    def merge(self, ledger: Ledger) -> None:
+        weight = ledger.module(self.path)._parameters["weight"]  # not a Full shadow
+        update = self.delta_weight(ledger)
+        merged = (weight.to(update.dtype) + update).to(weight.dtype)
+        self.keep = swap_in(ledger, self.path, "weight", merged)
+
+    def unmerge(self, ledger: Ledger) -> None:
+        swap_out(ledger, self.path, "weight", self.keep)
+        self.keep = None

@@ -1,0 +1,82 @@
+"""Which deltas sit on a model, and the ``requires_grad`` flags they froze.
+
+The registry lives in the root module's instance ``__dict__`` (not as a submodule,
+parameter or buffer), so ``state_dict`` and the module tree are untouched, while
+``copy.deepcopy`` and pickling carry it along with the model. It disappears when
+the last delta is detached.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .errors import DeltaStateError
+from .ledger import is_reserved
+
+if TYPE_CHECKING:
+    from .delta import Delta
+
+_KEY = "_deltahooks_registry"
+
+
+class ModelRegistry:
+    """Per-root bookkeeping shared by every delta attached with that root."""
+
+    def __init__(self) -> None:
+        self.deltas: dict[str, Delta] = {}
+        # original requires_grad of every base parameter frozen by a freeze_base delta;
+        # restored when the last such delta detaches, whatever the detach order.
+        self.frozen: dict[nn.Parameter, bool] = {}
+        self.freezers: set[str] = set()
+
+    def freeze_base(self, root: nn.Module, delta_name: str) -> None:
+        for name, param in root.named_parameters():
+            if is_reserved(name):
+                continue
+            self.frozen.setdefault(param, param.requires_grad)
+            param.requires_grad_(False)
+        self.freezers.add(delta_name)
+
+    def release(self, delta_name: str) -> None:
+        self.freezers.discard(delta_name)
+        if not self.freezers:
+            for param, flag in self.frozen.items():
+                param.requires_grad_(flag)
+            self.frozen.clear()
+
+
+def registry_of(root: nn.Module) -> ModelRegistry | None:
+    return root.__dict__.get(_KEY)
+
+
+def open_registry(root: nn.Module) -> ModelRegistry:
+    """The root's registry, created on first use; refuses nested roots."""
+    existing = registry_of(root)
+    if existing is not None:
+        return existing
+    for path, module in root.named_modules():
+        other = registry_of(module)
+        if path and other is not None and other.deltas:
+            raise DeltaStateError(
+                f"submodule {path!r} already carries deltas {sorted(other.deltas)} attached "
+                "with it as the root; attach every delta of one model to the same root module"
+            )
+    registry = ModelRegistry()
+    root.__dict__[_KEY] = registry
+    return registry
+
+
+def close_registry_if_empty(root: nn.Module) -> None:
+    registry = registry_of(root)
+    if registry is not None and not registry.deltas:
+        del root.__dict__[_KEY]
+
+
+def registries_under(model: nn.Module):
+    """Every registry on ``model`` or its submodules, with the path of its root."""
+    for path, module in model.named_modules():
+        registry = registry_of(module)
+        if registry is not None:
+            yield path, module, registry

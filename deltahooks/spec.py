@@ -1,0 +1,163 @@
+"""The contract between a method and the shared machinery.
+
+A method is two small things: a *spec* (a frozen dataclass of hyperparameters that
+says where it goes and validates itself) and *parts* (what it installs on one target
+module, and how it merges). Installation, files, freezing and detach are shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+from .ledger import Ledger, TensorEntry, reserved_name
+from .targets import Target, describe
+
+METHODS: dict[str, type[DeltaSpec]] = {}
+
+
+def register_method(cls: type[DeltaSpec]) -> type[DeltaSpec]:
+    """Class decorator: make a spec class loadable from files by its ``method`` name."""
+    METHODS[cls.method] = cls
+    return cls
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaSpec:
+    """Base of every method's hyperparameters; ``targets`` uses :mod:`deltahooks.targets`."""
+
+    method: ClassVar[str] = ""
+    targets: Target
+    exclude: Target | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is None or (isinstance(self.targets, (list, tuple)) and not self.targets):
+            raise SpecError(f"{type(self).__name__}: targets is empty; name at least one module")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`SpecError` for invalid hyperparameters."""
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        """Raise :class:`UnsupportedModuleError` when ``module`` cannot take this method."""
+
+    def make_part(self, path: str, module: nn.Module, root: nn.Module) -> Part:
+        """Build (without installing) the delta for one target module."""
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Everything but targets, JSON-ready, for files and summaries."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("targets", "exclude")
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "hyperparameters": self.hyperparameters(),
+            "targets": describe(self.targets),
+            "exclude": None if self.exclude is None else describe(self.exclude),
+        }
+
+
+class Part:
+    """What one spec puts on one target module.
+
+    ``merge_order``: parts that replace a tensor (0) merge before parts that add to it
+    (1), so a Full copy and a LoRA update on one layer merge to copy + update.
+
+    ``tensors`` maps ``(owner path, local name)`` to ``(initial value, is_parameter)``,
+    values on the target's device and dtype; :meth:`install` registers them and the hooks through
+    the ledger. Hooks must look tensors up on the module at call time.
+    """
+
+    merge_order = 1
+
+    def __init__(self, path: str, tensors: dict[tuple[str, str], Any]) -> None:
+        self.path = path
+        self.tensors = tensors
+        self.entries: list = []  # the ledger TensorEntry objects holding this part's state
+        self.spec_index = 0  # which spec of its Delta made it
+
+    def register_tensors(self, ledger: Ledger) -> None:
+        for (owner, local), (value, is_parameter) in self.tensors.items():
+            self.entries.append(ledger.add_tensor(owner, local, value, parameter=is_parameter))
+        self.tensors = {}
+
+    def install(self, ledger: Ledger, switch: Switch) -> None:
+        raise NotImplementedError
+
+    def merge(self, ledger: Ledger) -> None:
+        raise NotImplementedError
+
+    def unmerge(self, ledger: Ledger) -> None:
+        raise NotImplementedError
+
+    def sync(self, ledger: Ledger, switch: Switch) -> None:
+        """Called after enable/disable/merge; most parts read the switch in hooks instead."""
+
+
+class Switch:
+    """State every hook of one delta reads on each call: flipping it adds no hooks."""
+
+    __slots__ = ("active", "enabled", "merged", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.enabled = True
+        self.merged = False
+        self.active = True
+
+    def update(self) -> None:
+        self.active = self.enabled and not self.merged
+
+    def __getstate__(self):
+        return (self.name, self.enabled, self.merged, self.active)
+
+    def __setstate__(self, state) -> None:
+        self.name, self.enabled, self.merged, self.active = state
+
+
+def swap_in(ledger: Ledger, path: str, attr: str, value: torch.Tensor) -> TensorEntry:
+    """Make the module's own ``attr`` hold ``value`` for a merge, keeping the original.
+
+    A parameter keeps its object and gets new ``.data``; a buffer gets a new tensor.
+    The original lives in a non-saved buffer, so ``model.to()`` moves it along, and
+    :func:`swap_out` puts it back unchanged: unmerge is bit-exact, never a subtraction.
+    """
+    module = ledger.module(path)
+    depth = 0  # several parts of one delta may merge into the same tensor: a stack
+    while hasattr(module, reserved_name(ledger.delta_name, f"merge_original{depth}__{attr}")):
+        depth += 1
+    local = f"merge_original{depth}__{attr}"
+    if attr in module._parameters:
+        param = module._parameters[attr]
+        keep = ledger.add_tensor(path, local, param.data, parameter=False, saved=False)
+        param.data = value
+    else:
+        keep = ledger.add_tensor(path, local, module._buffers[attr], parameter=False, saved=False)
+        module._buffers[attr] = value
+    return keep
+
+
+def swap_out(ledger: Ledger, path: str, attr: str, keep: TensorEntry) -> None:
+    """Undo :func:`swap_in`."""
+    module = ledger.module(path)
+    original = ledger.tensor(keep)
+    if attr in module._parameters:
+        module._parameters[attr].data = original
+    else:
+        module._buffers[attr] = original
+    ledger.remove(keep)
+
+
+def check_probability(name: str, value: float) -> None:
+    if not (0.0 <= value < 1.0):
+        raise SpecError(f"{name}={value} must be in [0, 1); use 0 to switch it off")

@@ -1,0 +1,45 @@
+"""summary(model): where deltas sit and what they cost, as readable text."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .attach import deltas
+from .ledger import is_reserved
+
+
+def summary(model: nn.Module) -> str:
+    """A tree of the modules that carry deltas, the method on each, and parameter counts.
+
+    Example:
+        >>> import torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> _ = dh.attach(model, dh.LoRA(targets=["0"], r=2))
+        >>> print(dh.summary(model))  # doctest: +NORMALIZE_WHITESPACE
+        delta 'default' (enabled, unmerged)
+          0  lora  32 params
+        trainable: 32 of 104 parameters (30.769%)
+        base: 72 parameters, delta: 32
+    """
+    lines = []
+    for name, delta in deltas(model).items():
+        state = ("enabled" if delta.enabled else "disabled") + (
+            ", merged" if delta.merged else ", unmerged"
+        )
+        lines.append(f"delta {name!r} ({state})")
+        per_path: dict[tuple[str, str], int] = {}
+        for part in delta._parts:
+            method = delta.specs[part.spec_index].method
+            count = sum(delta._ledger.tensor(e).numel() for e in part.entries if e.saved)
+            per_path[(part.path or "<root>", method)] = count
+        width = max((len(p) for p, _ in per_path), default=0)
+        for (path, method), count in per_path.items():
+            lines.append(f"  {path.ljust(width)}  {method}  {count:,} params")
+    params = list(model.named_parameters())
+    total = sum(p.numel() for _, p in params)
+    trainable = sum(p.numel() for _, p in params if p.requires_grad)
+    delta_count = sum(p.numel() for n, p in params if is_reserved(n))
+    share = 100.0 * trainable / total if total else 0.0
+    lines.append(f"trainable: {trainable:,} of {total:,} parameters ({share:.3f}%)")
+    lines.append(f"base: {total - delta_count:,} parameters, delta: {delta_count:,}")
+    return "\n".join(lines)

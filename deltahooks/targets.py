@@ -1,0 +1,211 @@
+"""Target syntax → resolved module paths.
+
+Every method shares this one grammar, so "where a delta goes" never depends on
+"what the delta is". A target is one of:
+
+- a module-path suffix on a ``.`` boundary: ``"q_proj"`` matches
+  ``model.layers.3.self_attn.q_proj``; a full path matches itself;
+- a glob (contains ``*``, ``?`` or ``[``), also anchored on a ``.`` boundary:
+  ``"layers.*.mlp.*"``;
+- ``"re:<regex>"``: the regex must match the whole path;
+- ``"all-linear"``: every ``nn.Linear`` / transformers ``Conv1D`` except the output head;
+- an ``nn.Module`` subclass (``isinstance``);
+- a callable ``(path, module) -> bool``;
+- :class:`Paths`: exact module paths (what a saved file records);
+- a list or tuple of the above (their union).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+import sys
+from collections.abc import Callable, Iterable
+from typing import Union
+
+from torch import nn
+
+from .errors import TargetError
+
+ALL_LINEAR = "all-linear"
+_GLOB_CHARS = frozenset("*?[")
+
+
+class Paths(tuple):
+    """Exact module paths, e.g. ``Paths(["layers.0.q_proj"])``: no suffix or pattern logic.
+
+    Example:
+        >>> Paths(["encoder.layer.0.attention.self.query"])
+        Paths(['encoder.layer.0.attention.self.query'])
+    """
+
+    def __new__(cls, paths: Iterable[str]) -> Paths:
+        return super().__new__(cls, paths)
+
+    def __repr__(self) -> str:
+        return f"Paths({list(self)!r})"
+
+
+Target = Union[str, type, Callable[[str, nn.Module], bool], Paths, list, tuple]
+
+
+def is_conv1d_gpt2(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` without importing transformers."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d_gpt2(module)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head: HF's output embeddings if it has them, else its last linear."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if head is not None:
+            return head
+    last = None
+    for _, module in model.named_modules():
+        if _is_linear_like(module):
+            last = module
+    return last
+
+
+def _split(targets: Target) -> list:
+    if isinstance(targets, Paths):
+        return [targets]
+    if isinstance(targets, (list, tuple)):
+        return list(targets)
+    return [targets]
+
+
+def _entry_matcher(entry, model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    """Compile one target entry into a predicate over (path, module)."""
+    if isinstance(entry, Paths):
+        wanted = frozenset(entry)
+        return lambda path, module: path in wanted
+    if isinstance(entry, type):
+        if not issubclass(entry, nn.Module):
+            raise TargetError(
+                f"target type {entry.__name__} is not an nn.Module subclass; "
+                "pass a module class such as nn.Linear"
+            )
+        return lambda path, module: isinstance(module, entry)
+    if isinstance(entry, str):
+        if entry == ALL_LINEAR:
+            head = _output_head(model)
+            return lambda path, module: _is_linear_like(module) and module is not head
+        if entry.startswith("re:"):
+            try:
+                pattern = re.compile(entry[3:])
+            except re.error as err:
+                raise TargetError(
+                    f"target {entry!r} is not a valid regular expression ({err}); "
+                    "fix the pattern or drop the 're:' prefix to match a name suffix"
+                ) from None
+            return lambda path, module: pattern.fullmatch(path) is not None
+        if not entry:
+            raise TargetError("an empty string is not a target; name a module, e.g. 'q_proj'")
+        if _GLOB_CHARS & set(entry):
+            anchored = "*." + entry
+            return lambda path, module: (
+                fnmatch.fnmatchcase(path, entry) or fnmatch.fnmatchcase(path, anchored)
+            )
+        dotted = "." + entry
+        return lambda path, module: path == entry or path.endswith(dotted)
+    if callable(entry):
+        return lambda path, module: bool(entry(path, module))
+    raise TargetError(
+        f"cannot use {entry!r} as a target; use a name suffix, 're:<regex>', a glob, "
+        "'all-linear', an nn.Module subclass or a callable (path, module) -> bool"
+    )
+
+
+def describe(targets: Target) -> object:
+    """A JSON-friendly description of a target, for file metadata and summaries."""
+    if isinstance(targets, Paths):
+        return list(targets)
+    if isinstance(targets, (list, tuple)):
+        return [describe(t) for t in targets]
+    if isinstance(targets, str):
+        return targets
+    if isinstance(targets, type):
+        return f"type:{targets.__module__}.{targets.__qualname__}"
+    return f"callable:{getattr(targets, '__qualname__', repr(targets))}"
+
+
+def _closest(entry, model: nn.Module, limit: int = 5) -> list[str]:
+    paths = [p for p, _ in model.named_modules() if p]
+    if not isinstance(entry, str):
+        return paths[:limit]
+    probe = entry[3:] if entry.startswith("re:") else entry
+    leaf_to_path: dict[str, str] = {}
+    for p in paths:
+        leaf_to_path.setdefault(p.rsplit(".", 1)[-1], p)
+    near = difflib.get_close_matches(probe, list(leaf_to_path), n=limit, cutoff=0.4)
+    found = [leaf_to_path[leaf] for leaf in near]
+    for p in difflib.get_close_matches(probe, paths, n=limit, cutoff=0.4):
+        if p not in found:
+            found.append(p)
+    return found[:limit] or paths[:limit]
+
+
+def _no_match_error(entry, model: nn.Module, what: str) -> TargetError:
+    near = _closest(entry, model)
+    leaves = sorted({p.rsplit(".", 1)[-1] for p, _ in model.named_modules() if p})
+    return TargetError(
+        f"{what} {describe(entry)!r} matches no module of {type(model).__name__}. "
+        f"Closest module paths: {near}. Module names in this model: {leaves[:30]}"
+        f"{' ...' if len(leaves) > 30 else ''}. Fix the pattern (a name suffix matches on a "
+        "'.' boundary; use 're:' for a regex)."
+    )
+
+
+def resolve_targets(
+    model: nn.Module, targets: Target, exclude: Target | None = None
+) -> list[tuple[str, nn.Module]]:
+    """Resolve targets to ``[(path, module)]`` in ``model.named_modules()`` order.
+
+    Every entry of ``targets`` must match at least one module, and so must every
+    entry of ``exclude``; a selection that ``exclude`` empties is an error too.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+        >>> [p for p, _ in resolve_targets(model, nn.Linear, exclude="2")]
+        ['0']
+    """
+    named = list(model.named_modules())
+    selected: set[int] = set()
+    for entry in _split(targets):
+        matcher = _entry_matcher(entry, model)
+        hits = {i for i, (path, module) in enumerate(named) if matcher(path, module)}
+        if not hits:
+            raise _no_match_error(entry, model, "target")
+        selected |= hits
+    if exclude is not None:
+        for entry in _split(exclude):
+            matcher = _entry_matcher(entry, model)
+            hits = {i for i, (path, module) in enumerate(named) if matcher(path, module)}
+            if not hits:
+                raise _no_match_error(entry, model, "exclude entry")
+            selected -= hits
+        if not selected:
+            raise TargetError(
+                f"exclude={describe(exclude)!r} removes every module that "
+                f"targets={describe(targets)!r} selects; narrow exclude or widen targets"
+            )
+    return [named[i] for i in sorted(selected)]
+
+
+def first_match(path: str, module: nn.Module, patterns: dict, model: nn.Module):
+    """The value of the first pattern key (target syntax) that selects ``path``, else None."""
+    for key, value in patterns.items():
+        if _entry_matcher(key, model)(path, module):
+            return value
+    return None
