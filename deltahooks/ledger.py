@@ -36,6 +36,10 @@ def join(path: str, local: str) -> str:
     return f"{path}.{local}" if path and local else path or local
 
 
+def _drop_missing_delta_keys(module: nn.Module, incompatible) -> None:
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not is_reserved(k)]
+
+
 @dataclass
 class TensorEntry:
     """A parameter or buffer registered on the module at ``path`` under ``reserved``."""
@@ -125,6 +129,17 @@ class Ledger:
 
     def forward_pre_hook(self, path: str, hook, **options) -> HookEntry:
         handle = self.module(path).register_forward_pre_hook(hook, **options)
+        entry = HookEntry(path, handle)
+        self.entries.append(entry)
+        return entry
+
+    def forgive_missing_delta_keys(self, path: str) -> HookEntry:
+        """Let ``load_state_dict(strict=True)`` of a base checkpoint pass while attached.
+
+        A base checkpoint lacks the delta's tensors; that is expected, so they are removed
+        from the missing keys. Every other mismatch is still reported.
+        """
+        handle = self.module(path).register_load_state_dict_post_hook(_drop_missing_delta_keys)
         entry = HookEntry(path, handle)
         self.entries.append(entry)
         return entry

@@ -89,6 +89,8 @@ class Part:
     def register_tensors(self, ledger: Ledger) -> None:
         for (owner, local), (value, is_parameter) in self.tensors.items():
             self.entries.append(ledger.add_tensor(owner, local, value, parameter=is_parameter))
+        for owner in dict.fromkeys(owner for owner, _ in self.tensors):
+            ledger.forgive_missing_delta_keys(owner)
         self.tensors = {}
 
     def install(self, ledger: Ledger, switch: Switch) -> None:

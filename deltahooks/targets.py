@@ -22,7 +22,6 @@ import fnmatch
 import re
 import sys
 from collections.abc import Callable, Iterable
-from typing import Union
 
 from torch import nn
 
@@ -47,7 +46,7 @@ class Paths(tuple):
         return f"Paths({list(self)!r})"
 
 
-Target = Union[str, type, Callable[[str, nn.Module], bool], Paths, list, tuple]
+Target = str | type | Callable[[str, nn.Module], bool] | Paths | list | tuple
 
 
 def is_conv1d_gpt2(module: nn.Module) -> bool:
