@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import SpecError
-from .ledger import Ledger, TensorEntry, reserved_name
+from .errors import DeltaStateError, SpecError
+from .ledger import Ledger, TensorEntry, join, reserved_name
 from .targets import Target, describe
 
 METHODS: dict[str, type[DeltaSpec]] = {}
@@ -135,6 +135,17 @@ def swap_in(ledger: Ledger, path: str, attr: str, value: torch.Tensor) -> Tensor
     :func:`swap_out` puts it back unchanged: unmerge is bit-exact, never a subtraction.
     """
     module = ledger.module(path)
+    current = module._parameters.get(attr, module._buffers.get(attr))
+    tied = [
+        name
+        for name, tensor in ledger.root.named_parameters(remove_duplicate=False)
+        if tensor is current and name != join(path, attr)
+    ]
+    if tied:
+        raise DeltaStateError(
+            f"cannot merge into {join(path, attr)!r}: it is the same tensor as {tied} (tied "
+            "weights), so merging would change those modules too; keep this delta unmerged"
+        )
     depth = 0  # several parts of one delta may merge into the same tensor: a stack
     while hasattr(module, reserved_name(ledger.delta_name, f"merge_original{depth}__{attr}")):
         depth += 1
