@@ -117,7 +117,10 @@ def deltas(model: nn.Module) -> dict[str, Delta]:
     """The deltas attached to ``model`` (or to a submodule of it), by name.
 
     Example:
-        >>> dh.deltas(model)  # doctest: +SKIP
+        >>> import torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> _ = dh.attach(model, dh.LoRA(targets=torch.nn.Linear))
+        >>> dh.deltas(model)
         {'default': Delta(name='default', parts=[lora×2], enabled=True, merged=False)}
     """
     found: dict[str, Delta] = {}
@@ -130,7 +133,13 @@ def detach(model: nn.Module) -> None:
     """Detach every delta on ``model``, newest first; the model is then as before attach.
 
     Example:
-        >>> dh.detach(model)  # doctest: +SKIP
+        >>> import torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = dh.attach(model, dh.LoRA(targets=["0"]), name="a")
+        >>> _ = dh.attach(model, dh.LoRA(targets=["0"]), name="b")
+        >>> dh.detach(model)
+        >>> dh.deltas(model), list(model.state_dict())
+        ({}, ['0.weight', '0.bias'])
     """
     for delta in reversed(list(deltas(model).values())):
         delta.detach()

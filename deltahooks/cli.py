@@ -10,7 +10,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deltahooks`` console script.
 
     Example:
-        >>> main(["info", "lora.safetensors"])  # doctest: +SKIP
+        >>> import os, tempfile, torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
+        >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
+        >>> main(["info", path])  # doctest: +ELLIPSIS
+        /...lora.safetensors: delta 'default', 16 values, ... bytes
+          lora {...} on 1 modules
+        0
     """
     parser = argparse.ArgumentParser(prog="deltahooks", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

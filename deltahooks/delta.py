@@ -177,7 +177,10 @@ class Delta(nn.Module):
         """Write only the delta (tensors + spec + format version) to a ``.safetensors`` file.
 
         Example:
-            >>> delta.save("lora.safetensors")  # doctest: +SKIP
+            >>> import os, tempfile, torch, deltahooks as dh
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            >>> path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
+            >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
         """
         from .io import save_delta
 
@@ -250,8 +253,14 @@ class Delta(nn.Module):
         """Context manager: base behaviour inside, the delta back outside.
 
         Example:
-            >>> with delta.disabled():  # doctest: +SKIP
-            ...     base_logits = model(x)
+            >>> import torch, deltahooks as dh
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            >>> delta = dh.attach(model, dh.LoRA(targets=["0"], init="random"))
+            >>> x = torch.randn(2, 4)
+            >>> with delta.disabled():
+            ...     base = model(x)
+            >>> bool(torch.equal(base, torch.nn.functional.linear(x, model[0].weight, model[0].bias)))
+            True
         """
         self._require_attached("disable")
         was_enabled, was_merged = self._switch.enabled, self._switch.merged

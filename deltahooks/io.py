@@ -69,8 +69,12 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and validate a delta file's metadata without reading tensors.
 
     Example:
-        >>> read_header("lora.safetensors")["parts"][0]["method"]  # doctest: +SKIP
-        'lora'
+        >>> import os, tempfile, torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
+        >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
+        >>> read_header(path)["parts"][0]["paths"]
+        ['0']
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -152,7 +156,14 @@ def load_delta(
     Nothing changes unless every module path, tensor shape and dtype fits.
 
     Example:
-        >>> delta = dh.load(model, "lora.safetensors")  # doctest: +SKIP
+        >>> import os, tempfile, torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
+        >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
+        >>> dh.detach(model)
+        >>> delta = dh.load(model, path)
+        >>> delta.paths
+        ['0']
     """
     from .attach import attach, plan_parts
 

@@ -8,6 +8,32 @@ from .attach import deltas
 from .ledger import is_reserved
 
 
+def _tree(rows: list[tuple[str, str]]) -> list[str]:
+    """Render dotted paths as an indented tree; single-child chains print as one dotted line."""
+    root: dict = {}
+    notes: dict[int, str] = {}
+    for path, note in rows:
+        node = root
+        for name in path.split("."):
+            node = node.setdefault(name, {})
+        notes[id(node)] = note
+
+    lines: list[str] = []
+
+    def render(node: dict, depth: int) -> None:
+        for name, child in node.items():
+            label = name
+            while len(child) == 1 and id(child) not in notes:
+                ((more, child),) = child.items()
+                label = f"{label}.{more}"
+            note = notes.get(id(child))
+            lines.append("  " * depth + label + (f"  {note}" if note else ""))
+            render(child, depth + 1)
+
+    render(root, 1)
+    return lines
+
+
 def summary(model: nn.Module) -> str:
     """A tree of the modules that carry deltas, the method on each, and parameter counts.
 
@@ -27,14 +53,12 @@ def summary(model: nn.Module) -> str:
             ", merged" if delta.merged else ", unmerged"
         )
         lines.append(f"delta {name!r} ({state})")
-        per_path: dict[tuple[str, str], int] = {}
+        rows = []
         for part in delta._parts:
             method = delta.specs[part.spec_index].method
             count = sum(delta._ledger.tensor(e).numel() for e in part.entries if e.saved)
-            per_path[(part.path or "<root>", method)] = count
-        width = max((len(p) for p, _ in per_path), default=0)
-        for (path, method), count in per_path.items():
-            lines.append(f"  {path.ljust(width)}  {method}  {count:,} params")
+            rows.append((part.path or "<root>", f"{method}  {count:,} params"))
+        lines.extend(_tree(rows))
     params = list(model.named_parameters())
     total = sum(p.numel() for _, p in params)
     trainable = sum(p.numel() for _, p in params if p.requires_grad)
