@@ -141,5 +141,13 @@ def detach(model: nn.Module) -> None:
         >>> dh.deltas(model), list(model.state_dict())
         ({}, ['0.weight', '0.bias'])
     """
-    for delta in reversed(list(deltas(model).values())):
+    attached = list(deltas(model).values())
+    while any(delta.merged for delta in attached):  # unmerge newest merges first
+        for delta in attached:
+            if delta.merged:
+                try:
+                    delta.unmerge()
+                except DeltaStateError:
+                    continue  # another delta merged on top of it: unmerged in a later pass
+    for delta in reversed(attached):
         delta.detach()

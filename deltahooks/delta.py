@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import DeltaFileError, DeltaStateError
 from .ledger import Ledger
+from .merging import merged_on_top
 from .registry import close_registry_if_empty, registry_of
 from .spec import DeltaSpec, Part, Switch
 
@@ -222,11 +223,12 @@ class Delta(nn.Module):
         done = []
         try:
             for part in sorted(self._parts, key=lambda p: p.merge_order):
-                part.merge(self._ledger)
                 done.append(part)
+                part.merge(self._ledger)
         except BaseException:
             for part in reversed(done):
                 part.unmerge(self._ledger)
+            self._set(merged=False)
             raise
         self._set(merged=True)
 
@@ -235,6 +237,12 @@ class Delta(nn.Module):
         self._require_attached("unmerge")
         if not self._switch.merged:
             return
+        blocking = merged_on_top(self._ledger, [m for part in self._parts for m in part.merges])
+        if blocking:
+            raise DeltaStateError(
+                f"cannot unmerge delta {self.name!r}: {blocking} merged into the same weights "
+                f"after it; unmerge {blocking[-1]!r} first"
+            )
         for part in reversed(sorted(self._parts, key=lambda p: p.merge_order)):
             part.unmerge(self._ledger)
         self._set(merged=False)

@@ -30,6 +30,8 @@ class ModelRegistry:
         # restored when the last such delta detaches, whatever the detach order.
         self.frozen: dict[nn.Parameter, bool] = {}
         self.freezers: set[str] = set()
+        # tensor path -> names of the deltas merged into it, in merge order
+        self.merge_stacks: dict[str, list[str]] = {}
 
     def freeze_base(self, root: nn.Module, delta_name: str) -> None:
         for name, param in root.named_parameters():

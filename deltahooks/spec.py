@@ -11,11 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
-from .errors import DeltaStateError, SpecError
-from .ledger import Ledger, TensorEntry, join, reserved_name
+from .errors import SpecError
+from .ledger import Ledger
+from .merging import Merged, swap_out
 from .targets import Target, describe
 
 METHODS: dict[str, type[DeltaSpec]] = {}
@@ -85,6 +85,7 @@ class Part:
         self.tensors = tensors
         self.entries: list = []  # the ledger TensorEntry objects holding this part's state
         self.spec_index = 0  # which spec of its Delta made it
+        self.merges: list[Merged] = []  # what merge() swapped in, for unmerge()
 
     def register_tensors(self, ledger: Ledger) -> None:
         for (owner, local), (value, is_parameter) in self.tensors.items():
@@ -100,7 +101,9 @@ class Part:
         raise NotImplementedError
 
     def unmerge(self, ledger: Ledger) -> None:
-        raise NotImplementedError
+        """Restore every tensor :meth:`merge` swapped, newest first."""
+        while self.merges:
+            swap_out(ledger, self.merges.pop())
 
     def sync(self, ledger: Ledger, switch: Switch) -> None:
         """Called after enable/disable/merge; most parts read the switch in hooks instead."""
@@ -125,50 +128,6 @@ class Switch:
 
     def __setstate__(self, state) -> None:
         self.name, self.enabled, self.merged, self.active = state
-
-
-def swap_in(ledger: Ledger, path: str, attr: str, value: torch.Tensor) -> TensorEntry:
-    """Make the module's own ``attr`` hold ``value`` for a merge, keeping the original.
-
-    A parameter keeps its object and gets new ``.data``; a buffer gets a new tensor.
-    The original lives in a non-saved buffer, so ``model.to()`` moves it along, and
-    :func:`swap_out` puts it back unchanged: unmerge is bit-exact, never a subtraction.
-    """
-    module = ledger.module(path)
-    current = module._parameters.get(attr, module._buffers.get(attr))
-    tied = [
-        name
-        for name, tensor in ledger.root.named_parameters(remove_duplicate=False)
-        if tensor is current and name != join(path, attr)
-    ]
-    if tied:
-        raise DeltaStateError(
-            f"cannot merge into {join(path, attr)!r}: it is the same tensor as {tied} (tied "
-            "weights), so merging would change those modules too; keep this delta unmerged"
-        )
-    depth = 0  # several parts of one delta may merge into the same tensor: a stack
-    while hasattr(module, reserved_name(ledger.delta_name, f"merge_original{depth}__{attr}")):
-        depth += 1
-    local = f"merge_original{depth}__{attr}"
-    if attr in module._parameters:
-        param = module._parameters[attr]
-        keep = ledger.add_tensor(path, local, param.data, parameter=False, saved=False)
-        param.data = value
-    else:
-        keep = ledger.add_tensor(path, local, module._buffers[attr], parameter=False, saved=False)
-        module._buffers[attr] = value
-    return keep
-
-
-def swap_out(ledger: Ledger, path: str, attr: str, keep: TensorEntry) -> None:
-    """Undo :func:`swap_in`."""
-    module = ledger.module(path)
-    original = ledger.tensor(keep)
-    if attr in module._parameters:
-        module._parameters[attr].data = original
-    else:
-        module._buffers[attr] = original
-    ledger.remove(keep)
 
 
 def check_probability(name: str, value: float) -> None:

@@ -189,3 +189,40 @@ def test_summary_names_targets_methods_and_counts():
     assert "0  lora  24 params" in text  # 2×4 + 8×2
     assert "2  full  27 params" in text  # 8×3 + 3
     assert "trainable: 51 of 118 parameters" in text
+
+
+def test_merges_of_two_deltas_into_one_weight_unmerge_newest_first():
+    model = make_model().eval()
+    x = torch.randn(2, 4)
+    before = snapshot(model)
+    a = dh.attach(model, dh.LoRA(targets=["0"], init="random"), name="a")
+    b = dh.attach(model, dh.LoRA(targets=["0"], init="random"), name="b")
+    with torch.no_grad():
+        hooked = model(x)
+        a.merge()
+        b.merge()
+        torch.testing.assert_close(model(x), hooked)
+        with pytest.raises(dh.DeltaStateError, match="unmerge 'b' first"):
+            a.unmerge()
+        torch.testing.assert_close(model(x), hooked)  # the refusal changed nothing
+        dh.detach(model)  # unmerges newest first by itself
+    assert_restored(model, before)
+
+
+def test_merging_under_another_deltas_full_copy_is_refused_until_it_merges():
+    model = make_model().eval()
+    x = torch.randn(2, 4)
+    full = dh.attach(model, dh.Full(targets=["0"]), name="full")
+    lora = dh.attach(model, dh.LoRA(targets=["0"], init="random"), name="lora")
+    with torch.no_grad():
+        for p in full.parameters():
+            p.mul_(2)
+        hooked = model(x)
+        with pytest.raises(dh.DeltaStateError, match="merge 'full' first"):
+            lora.merge()
+        full.merge()
+        lora.merge()
+        torch.testing.assert_close(model(x), hooked)
+        lora.unmerge()
+        full.unmerge()
+        torch.testing.assert_close(model(x), hooked)

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from ..ledger import Ledger, join
-from ..spec import DeltaSpec, Part, Switch, register_method, swap_in, swap_out
+from ..merging import swap_in
+from ..spec import DeltaSpec, Part, Switch, register_method
 from .lora import raise_if_training_merged
 
 
@@ -97,7 +98,6 @@ class FullPart(Part):
     def __init__(self, path, tensors) -> None:
         super().__init__(path, tensors)
         self.owners: dict[str, list[tuple[str, str, bool]]] = {}
-        self.keeps: list = []
 
     def install(self, ledger: Ledger, switch: Switch) -> None:
         self.register_tensors(ledger)
@@ -117,9 +117,5 @@ class FullPart(Part):
     def merge(self, ledger: Ledger) -> None:
         for entry in self.entries:
             value = ledger.tensor(entry).detach().clone()
-            self.keeps.append(swap_in(ledger, entry.path, entry.local, value))
-
-    def unmerge(self, ledger: Ledger) -> None:
-        for entry, keep in zip(self.entries, self.keeps, strict=True):
-            swap_out(ledger, entry.path, entry.local, keep)
-        self.keeps = []
+            ledger.module(entry.path).__dict__.pop(entry.local, None)  # our own shadow
+            self.merges.append(swap_in(ledger, entry.path, entry.local, value))

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import DeltaStateError, SpecError, UnsupportedModuleError
 from ..ledger import Ledger
-from ..spec import DeltaSpec, Part, Switch, check_probability, register_method, swap_in, swap_out
+from ..merging import swap_in
+from ..spec import DeltaSpec, Part, Switch, check_probability, register_method
 from ..targets import first_match, is_conv1d_gpt2
 
 INITS = ("default", "gaussian", "random")
@@ -190,7 +191,6 @@ class LoRAPart(Part):
         self.kind = kind
         self.scale = scale
         self.dropout = dropout
-        self.keep = None
 
     def install(self, ledger: Ledger, switch: Switch) -> None:
         self.register_tensors(ledger)
@@ -217,8 +217,4 @@ class LoRAPart(Part):
         weight = ledger.module(self.path)._parameters["weight"]  # not a Full shadow
         update = self.delta_weight(ledger)
         merged = (weight.to(update.dtype) + update).to(weight.dtype)
-        self.keep = swap_in(ledger, self.path, "weight", merged)
-
-    def unmerge(self, ledger: Ledger) -> None:
-        swap_out(ledger, self.path, "weight", self.keep)
-        self.keep = None
+        self.merges.append(swap_in(ledger, self.path, "weight", merged))
