@@ -211,6 +211,11 @@ class Delta(nn.Module):
         self._require_attached("merge")
         if self._switch.merged:
             return
+        if not self._switch.enabled:
+            raise DeltaStateError(
+                f"delta {self.name!r} is disabled, so merging it would change the forward; "
+                "call delta.enable() first"
+            )
         training = [part.path for part in self._parts if self._ledger.module(part.path).training]
         if training:
             raise DeltaStateError(
@@ -252,8 +257,17 @@ class Delta(nn.Module):
         self._set(enabled=True)
 
     def disable(self) -> None:
-        """Make the model compute as if the delta were absent, without removing hooks."""
+        """Make the model compute as if the delta were absent, without removing hooks.
+
+        A merged delta is part of the weights: unmerge it first (or use :meth:`disabled`,
+        which unmerges and merges back for you).
+        """
         self._require_attached("disable")
+        if self._switch.merged:
+            raise DeltaStateError(
+                f"delta {self.name!r} is merged into the weights; call delta.unmerge() before "
+                "delta.disable(), or use `with delta.disabled():`"
+            )
         self._set(enabled=False)
 
     @contextlib.contextmanager

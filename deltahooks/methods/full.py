@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModuleError
-from ..ledger import Ledger, join
+from ..errors import DeltaStateError, UnsupportedModuleError
+from ..ledger import Ledger, is_reserved, join
 from ..merging import swap_in
+from ..registry import registry_of
 from ..spec import DeltaSpec, Part, Switch, register_method
 from .lora import raise_if_training_merged
 
@@ -44,21 +45,32 @@ class Full(DeltaSpec):
             )
 
     def make_part(self, path: str, module: nn.Module, root: nn.Module) -> FullPart:
+        registry = registry_of(root)
         tensors = {}
         for sub, attr, tensor, is_param in _owned(module):
+            key = join(join(path, sub), attr)
+            if registry is not None and registry.merge_stacks.get(key):
+                raise DeltaStateError(
+                    f"cannot copy {key!r} for Full: delta {registry.merge_stacks[key][-1]!r} is "
+                    "merged into it, and the copy must start from the original; unmerge it first"
+                )
             copy = tensor.detach().clone()
             tensors[(join(path, sub), attr)] = (copy, is_param)
         return FullPart(path, tensors)
 
 
 def _owned(module: nn.Module):
-    """(submodule path, attribute, tensor, is_parameter) for everything a Full copy holds."""
+    """(submodule path, attribute, tensor, is_parameter) for everything a Full copy holds.
+
+    Tensors of other deltas (reserved names) are not part of the module being copied.
+    """
     for sub, owner in module.named_modules():
         for attr, param in owner._parameters.items():
-            if param is not None:
+            if param is not None and not is_reserved(attr):
                 yield sub, attr, param, True
         for attr, buf in owner._buffers.items():
-            if buf is not None and attr not in owner._non_persistent_buffers_set:
+            persistent = attr not in owner._non_persistent_buffers_set
+            if buf is not None and persistent and not is_reserved(attr):
                 yield sub, attr, buf, False
 
 

@@ -1,0 +1,354 @@
+"""Stateful fuzzing of the delta lifecycle (hypothesis RuleBasedStateMachine).
+
+Random models (module trees, tiny GPT-2 and Llama) go through random sequences of
+attach, detach, merge, unmerge, disable/enable, train, save/load, dtype round trips,
+deepcopy, state_dict round trips and operations that must fail. After every step:
+
+- with no delta attached the model equals the original bit-for-bit;
+- the output equals a reference computed independently: a pristine copy of the base
+  model whose weights the test edits by hand (Full copies replace, LoRA adds s·BA);
+- every failed operation left the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from model_checks import assert_restored, snapshot
+from strategies import adaptable_paths, build
+from strategies import blueprint as blueprints
+from torch import nn
+
+import deltahooks as dh
+
+NAMES = ["a", "b", "c"]
+TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3, torch.bfloat16: 0.1}
+
+
+def tiny_transformer(kind: str, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            n_layer=1, n_embd=16, n_head=2, vocab_size=31, n_positions=16
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=31,
+            max_position_embeddings=16,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    return model.eval(), torch.randint(0, 31, (2, 5), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode output (no dropout), leaving the model in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was_training)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def untied(module: nn.Module, attr: str) -> torch.Tensor:
+    """Give the reference module its own copy of a tensor, so editing it edits nothing else."""
+    tensor = getattr(module, attr)
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, attr, nn.Parameter(tensor.detach().clone()))
+    else:
+        module._buffers[attr] = tensor.clone()
+    return getattr(module, attr)
+
+
+def lora_update(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """s-free B·A in the layout of ``module.weight``, in float64, from the LoRA paper."""
+    a, b = a.double(), b.double()
+    if isinstance(module, nn.Embedding):
+        return (b @ a).T
+    if isinstance(module, nn.Linear):
+        return b @ a
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return (b.flatten(1) @ a.flatten(1)).view(module.weight.shape)
+    return (b @ a).T  # transformers Conv1D stores (fan_in, fan_out)
+
+
+class Lifecycle(RuleBasedStateMachine):
+    @initialize(
+        source=st.one_of(
+            st.tuples(
+                st.just("tree"),
+                blueprints,
+                st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+                st.integers(1, 5),
+            ),
+            st.tuples(
+                st.sampled_from(["gpt2", "llama"]), st.none(), st.just(torch.float32), st.none()
+            ),
+        ),
+        seed=st.integers(0, 1000),
+    )
+    def start(self, source, seed):
+        kind, bp, dtype, in_dim = source
+        if kind == "tree":
+            self.model = build(bp, in_dim, dtype, seed).eval()
+            self.x = torch.randn(2, in_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        else:
+            self.model, self.x = tiny_transformer(kind, seed)
+        self.dtype = dtype
+        self.pristine = copy.deepcopy(self.model)
+        self.original = snapshot(self.model)
+        self.identity = True  # False after a deepcopy: objects are new, values must match
+        self.paths = adaptable_paths(self.model) + [
+            p for p, m in self.model.named_modules() if type(m).__name__ == "Conv1D"
+        ]
+        self.specs: dict[str, list] = {}
+        self.detached: list[dh.Delta] = []
+        self.tmp = tempfile.mkdtemp()
+
+    # ------------------------------------------------------------ helpers
+    def attached(self) -> dict[str, dh.Delta]:
+        return dh.deltas(self.model)
+
+    def reference(self, deltas) -> torch.Tensor:
+        ref = copy.deepcopy(self.pristine)
+        updates = []
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                if not delta.enabled:
+                    continue
+                state = delta.state_dict()
+                for spec in self.specs[name]:
+                    for method, path in delta.parts:
+                        if method != spec.method:
+                            continue
+                        if method == "full":
+                            for key, value in state.items():
+                                owner, _, attr = key.rpartition(".")
+                                if (
+                                    owner == path or owner.startswith(path + ".") or not path
+                                ) and not attr.startswith("lora_"):
+                                    untied(ref.get_submodule(owner), attr).copy_(value)
+                        else:
+                            a, b = state[f"{path}.lora_A"], state[f"{path}.lora_B"]
+                            r = a.shape[0]
+                            scale = spec.alpha / math.sqrt(r) if spec.rslora else spec.alpha / r
+                            updates.append((path, a, b, scale))
+            for path, a, b, scale in updates:  # Full copies first, then additive updates
+                module = ref.get_submodule(path)
+                weight = untied(module, "weight")
+                weight.copy_((weight.double() + scale * lora_update(module, a, b)).to(weight.dtype))
+        return run(ref, self.x)
+
+    def assert_close_to_reference(self, got: torch.Tensor, deltas) -> None:
+        want = self.reference(deltas)
+        scale = 1 + want.double().abs().max().item()
+        diff = (got.double() - want.double()).abs().nan_to_num(0.0).max().item()
+        assert diff <= TOLERANCE[self.dtype] * scale, f"output differs from reference by {diff}"
+
+    def unchanged_by(self, action, *errors):
+        """Run an action that may fail; if it fails, the model must be exactly as before."""
+        before = snapshot(self.model)
+        output = run(self.model, self.x)
+        try:
+            action()
+        except errors:
+            assert_restored(self.model, before)
+            assert torch.equal(run(self.model, self.x).nan_to_num(), output.nan_to_num())
+            return False
+        return True
+
+    # -------------------------------------------------------------- rules
+    @rule(
+        name=st.sampled_from(NAMES),
+        methods=st.sampled_from(["lora", "full", "both"]),
+        data=st.data(),
+        r=st.integers(1, 3),
+        rslora=st.booleans(),
+    )
+    def attach(self, name, methods, data, r, rslora):
+        specs = []
+        if methods in ("lora", "both"):
+            chosen = data.draw(st.lists(st.sampled_from(self.paths), min_size=1, unique=True))
+            specs.append(
+                dh.LoRA(targets=dh.Paths(chosen), r=r, alpha=2.0, rslora=rslora, init="random")
+            )
+        if methods in ("full", "both"):
+            specs.append(dh.Full(targets=dh.Paths([data.draw(st.sampled_from(self.paths))])))
+        if self.unchanged_by(lambda: dh.attach(self.model, specs, name=name), dh.DeltaError):
+            self.specs[name] = specs
+
+    @precondition(lambda self: self.attached())
+    @rule(data=st.data())
+    def detach_one(self, data):
+        delta = data.draw(st.sampled_from(list(self.attached().values())))
+        if self.unchanged_by(delta.detach, dh.DeltaStateError):
+            self.detached.append(delta)
+
+    @rule()
+    def detach_all(self):
+        self.detached.extend(self.attached().values())
+        dh.detach(self.model)
+        assert self.attached() == {}
+
+    @precondition(lambda self: self.attached())
+    @rule(data=st.data())
+    def merge(self, data):
+        delta = data.draw(st.sampled_from(list(self.attached().values())))
+        self.unchanged_by(delta.merge, dh.DeltaStateError)
+
+    @precondition(lambda self: self.attached())
+    @rule(data=st.data())
+    def unmerge(self, data):
+        delta = data.draw(st.sampled_from(list(self.attached().values())))
+        self.unchanged_by(delta.unmerge, dh.DeltaStateError)
+
+    @precondition(lambda self: self.attached())
+    @rule(data=st.data(), enabled=st.booleans())
+    def toggle(self, data, enabled):
+        delta = data.draw(st.sampled_from(list(self.attached().values())))
+        self.unchanged_by(delta.enable if enabled else delta.disable, dh.DeltaStateError)
+
+    @precondition(lambda self: self.attached())
+    @rule(data=st.data())
+    def disabled_block(self, data):
+        delta = data.draw(st.sampled_from(list(self.attached().values())))
+        base_like = {n: d for n, d in self.attached().items() if d is not delta}
+        try:
+            with delta.disabled():
+                self.assert_close_to_reference(run(self.model, self.x), base_like)
+        except dh.DeltaStateError:
+            pass  # e.g. merged under another delta: the refusal is checked by unchanged_by elsewhere
+
+    @rule()
+    def train_step(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.attached() or not params:
+            return
+        merged = any(d.merged for d in self.attached().values())
+        self.model.train()
+        try:
+            out = self.model(self.x)
+            out = out.logits if hasattr(out, "logits") else out
+            if not out.requires_grad:
+                return  # every delta is disabled: nothing to train
+            out.double().pow(2).mean().backward()
+            torch.optim.SGD(params, lr=0.01).step()
+            assert not merged or not any(
+                d.merged and d.enabled for d in self.attached().values()
+            ), "training while merged must raise"
+        except dh.DeltaStateError:
+            assert merged
+        finally:
+            for p in params:
+                p.grad = None
+            self.model.eval()
+
+    @precondition(lambda self: self.attached())
+    @rule(data=st.data())
+    def save_and_load_into_a_fresh_copy(self, data):
+        delta = data.draw(st.sampled_from(list(self.attached().values())))
+        path = os.path.join(self.tmp, f"{delta.name}.safetensors")
+        delta.save(path)
+        fresh = copy.deepcopy(self.pristine)
+        loaded = dh.load(fresh, path)
+        assert list(loaded.state_dict()) == list(delta.state_dict())
+        ref_specs = {delta.name: loaded}
+        self.specs.setdefault(delta.name, self.specs[delta.name])
+        got = run(fresh, self.x)
+        want = self.reference(ref_specs)
+        scale = 1 + want.double().abs().max().item()
+        assert (got.double() - want.double()).abs().nan_to_num(0.0).max().item() <= TOLERANCE[
+            self.dtype
+        ] * scale
+
+    @rule()
+    def dtype_round_trip(self):
+        self.model.to(torch.float64)
+        self.model.to(self.dtype)
+        self.identity = False  # parameters keep their objects, buffers get new ones
+
+    @rule()
+    def deepcopy_model(self):
+        self.model = copy.deepcopy(self.model)
+        self.identity = False
+
+    @rule()
+    def state_dict_round_trip(self):
+        before = run(self.model, self.x)
+        self.model.load_state_dict(self.model.state_dict())
+        assert torch.equal(run(self.model, self.x).nan_to_num(), before.nan_to_num())
+
+    @rule(which=st.sampled_from(["bad target", "bad module", "detached", "merge in training"]))
+    def failing_operation(self, which):
+        if which == "bad target":
+            self.unchanged_by(
+                lambda: dh.attach(self.model, dh.LoRA(targets=["no_such_module"]), name="zz"),
+                dh.TargetError,
+            )
+        elif which == "bad module":
+            self.unchanged_by(
+                lambda: dh.attach(self.model, dh.LoRA(targets=dh.Paths([""])), name="zz"),
+                dh.UnsupportedModuleError,
+            )
+        elif which == "detached" and self.detached:
+            self.unchanged_by(self.detached[-1].merge, dh.DeltaStateError)
+        elif which == "merge in training" and self.attached():
+            delta = next(iter(self.attached().values()))
+            self.model.train()
+            try:
+                if not delta.merged:
+                    self.unchanged_by(delta.merge, dh.DeltaStateError)
+                    assert not delta.merged
+            finally:
+                self.model.eval()
+
+    # ---------------------------------------------------------- invariants
+    @invariant()
+    def matches_reference_or_original(self):
+        if not hasattr(self, "model"):
+            return
+        deltas = self.attached()
+        if not deltas:
+            if self.identity:
+                assert_restored(self.model, self.original)
+            else:
+                now = snapshot(self.model)
+                assert now.keys == self.original.keys and now.classes == self.original.classes
+                assert (
+                    now.hooks == self.original.hooks and now.attributes == self.original.attributes
+                )
+                for key in now.keys:
+                    assert torch.equal(now.values[key], self.original.values[key])
+            return
+        for name, param in self.model.named_parameters():
+            assert param.requires_grad == ("dh__" in name), name
+        self.assert_close_to_reference(run(self.model, self.x), deltas)
+
+
+Lifecycle.TestCase.settings = settings(
+    settings.default, stateful_step_count=12, max_examples=settings.default.max_examples * 5
+)
+TestLifecycle = Lifecycle.TestCase
