@@ -19,7 +19,7 @@ from .spec import DeltaSpec, Part, Switch
 from .targets import resolve_targets
 
 DEFAULT_NAME = "default"
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def _as_specs(spec: DeltaSpec | Sequence[DeltaSpec]) -> tuple[DeltaSpec, ...]:
@@ -80,7 +80,7 @@ def attach(
         raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
     specs = _as_specs(spec)
     name = DEFAULT_NAME if name is None else name
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise SpecError(
             f"delta name {name!r} must be an identifier (letters, digits, '_'), e.g. 'task_a'"
         )

@@ -136,7 +136,7 @@ def specs_from_header(header: dict[str, Any]) -> list:
             )
         try:
             specs.append(METHODS[method](targets=Paths(part["paths"]), **part["hyperparameters"]))
-        except TypeError as err:
+        except (TypeError, ValueError, AttributeError) as err:  # SpecError is a ValueError
             raise DeltaFileError(
                 f"the {method} hyperparameters in the file are invalid: {err}"
             ) from None
@@ -165,7 +165,7 @@ def load_delta(
         >>> delta.paths
         ['0']
     """
-    from .attach import attach, plan_parts
+    from .attach import NAME_PATTERN, attach, plan_parts
 
     header = read_header(path)
     specs = specs_from_header(header)
@@ -185,9 +185,11 @@ def load_delta(
         for (owner, local), (value, _) in part.tensors.items():
             expected[f"{owner}.{local}" if owner else local] = value
     _check_tensors(path, tensors, expected, allow_nonfinite)
-    delta = attach(
-        model, specs, name=header.get("name") if name is None else name, freeze_base=freeze_base
-    )
+    if name is None:
+        name = header.get("name", "default")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise DeltaFileError(f"{os.fspath(path)!r}: the stored delta name {name!r} is invalid")
+    delta = attach(model, specs, name=name, freeze_base=freeze_base)
     try:
         delta.load_state_dict(tensors)
     except BaseException:

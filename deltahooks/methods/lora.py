@@ -69,6 +69,14 @@ class LoRA(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
+        for name, pattern in (
+            ("rank_pattern", self.rank_pattern),
+            ("alpha_pattern", self.alpha_pattern),
+        ):
+            if not isinstance(pattern, dict):
+                raise SpecError(
+                    f"LoRA {name} must be a dict such as {{'down_proj': 4}}, got {pattern!r}"
+                )
         for where, rank in [("r", self.r), *self.rank_pattern.items()]:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise SpecError(f"LoRA rank {where}={rank!r} must be a positive integer, e.g. r=8")

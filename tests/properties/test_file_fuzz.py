@@ -1,0 +1,142 @@
+"""Delta files are data, never code: thousands of mutated files either load or raise ours.
+
+Every mutated or truncated file must load (and then hold exactly the tensors the file
+holds) or raise a ``dh.DeltaError``; no other exception, no hang, and a failed load
+leaves the model bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import struct
+import tempfile
+from datetime import timedelta
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from model_checks import assert_restored, snapshot
+from safetensors import safe_open
+from torch import nn
+
+import deltahooks as dh
+
+
+def _valid_file() -> tuple[nn.Module, bytes]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.Conv1d(4, 2, 1))
+    delta = dh.attach(
+        model,
+        [
+            dh.LoRA(targets=["0", "1", "2"], r=2, init="random", rank_pattern={"2": 1}),
+            dh.Full(targets=["1"]),
+        ],
+    )
+    path = os.path.join(tempfile.mkdtemp(), "valid.safetensors")
+    delta.save(path)
+    delta.detach()
+    with open(path, "rb") as handle:
+        return model, handle.read()
+
+
+PRISTINE, VALID = _valid_file()
+HEADER_END = 8 + struct.unpack("<Q", VALID[:8])[0]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _leaves(node, path=()):
+    """Every (path, value) inside a JSON document, containers included."""
+    yield path, node
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, child in items:
+        yield from _leaves(child, (*path, key))
+
+
+def _set(node, path, value):
+    if not path:
+        return value
+    node[path[0]] = _set(node[path[0]], path[1:], value)
+    return node
+
+
+@st.composite
+def semantic_mutation(draw) -> bytes:
+    """A well-formed safetensors file whose header or delta metadata says something else."""
+    header = json.loads(VALID[8:HEADER_END])
+    if draw(st.booleans()):  # our own metadata: replace any node of the delta JSON
+        delta = json.loads(header["__metadata__"]["delta"])
+        path, _ = draw(st.sampled_from(list(_leaves(delta))))
+        delta = _set(delta, path, draw(json_values))
+        header["__metadata__"]["delta"] = json.dumps(delta)
+    else:  # the safetensors layer: a tensor's dtype, shape or offsets
+        key = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        if field == "dtype":
+            value = draw(
+                st.sampled_from(["F16", "BF16", "F64", "I64", "I8", "U8", "BOOL", "F8_E4M3"])
+            )
+        else:
+            value = draw(st.lists(st.integers(0, 64), min_size=0, max_size=3))
+        header[key][field] = value
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + VALID[HEADER_END:]
+
+
+@st.composite
+def mutated_files(draw) -> bytes:
+    data = bytearray(VALID)
+    kind = draw(st.sampled_from(["bytes", "truncate", "splice", "semantic", "semantic"]))
+    if kind == "semantic":
+        return draw(semantic_mutation())
+    if kind == "truncate":
+        return bytes(data[: draw(st.integers(0, len(data) - 1))])
+    if kind == "splice":  # replace a header slice with printable junk (keeps it JSON-ish)
+        start = draw(st.integers(8, HEADER_END - 1))
+        end = draw(st.integers(start, min(start + 40, HEADER_END)))
+        junk = draw(st.text(alphabet='{}[]":,0123456789-eE.abcnulltrfs ', max_size=40)).encode()
+        return bytes(data[:start] + junk + data[end:])
+    for _ in range(draw(st.integers(1, 6))):
+        in_header = draw(st.booleans()) or draw(st.booleans())  # 3 in 4 hit the header
+        low, high = (0, HEADER_END - 1) if in_header else (HEADER_END, len(data) - 1)
+        data[draw(st.integers(low, high))] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+@settings(max_examples=2000, deadline=timedelta(seconds=10))
+@given(blob=mutated_files())
+def test_mutated_files_load_exactly_or_raise_our_error(blob):
+    model = copy.deepcopy(PRISTINE)
+    before = snapshot(model)
+    with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as handle:
+        handle.write(blob)
+    try:
+        try:
+            delta = dh.load(model, handle.name, allow_nonfinite=True)
+        except dh.DeltaError:
+            assert_restored(model, before)
+            assert dh.deltas(model) == {}
+            return
+        with safe_open(handle.name, framework="pt") as stored:
+            for key, value in delta.state_dict().items():
+                want = stored.get_tensor(key).to(value.dtype)
+                torch.testing.assert_close(value, want, rtol=0, atol=0, equal_nan=True)
+        delta.detach()
+        assert_restored(model, before)
+    finally:
+        os.unlink(handle.name)
