@@ -11,9 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import DeltaStateError, SpecError
 from .ledger import Ledger
 from .merging import Merged, swap_out
 from .targets import Target, describe
@@ -128,6 +129,29 @@ class Switch:
 
     def __setstate__(self, state) -> None:
         self.name, self.enabled, self.merged, self.active = state
+
+
+def explain_failure(
+    delta_name: str, module: nn.Module, x: Any, tensors: tuple, err: Exception | None
+) -> Exception:
+    """Turn a failure inside a hook into an error that says what to fix, when we can tell.
+
+    Only called after an exception, so the hot path pays nothing for it.
+    """
+    devices = {t.device for t in tensors}
+    if isinstance(x, torch.Tensor) and (devices - {x.device}):
+        where = sorted(str(d) for d in devices)
+        if "meta" in where and x.device.type != "meta":
+            return DeltaStateError(
+                f"delta {delta_name!r} on {type(module).__name__} has its tensors on the meta "
+                "device (no values) while the input is real: load its values with dh.load(...) "
+                "or delta.load_state_dict(...) after materializing the model"
+            )
+        return DeltaStateError(
+            f"delta {delta_name!r} on {type(module).__name__} is on {where} but the input is on "
+            f"{x.device}; move the whole model with model.to(device) after attaching"
+        )
+    return err if err is not None else DeltaStateError(f"delta {delta_name!r} cannot run here")
 
 
 def check_probability(name: str, value: float) -> None:

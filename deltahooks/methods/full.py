@@ -18,7 +18,7 @@ from ..errors import DeltaStateError, UnsupportedModuleError
 from ..ledger import Ledger, is_reserved, join
 from ..merging import swap_in
 from ..registry import registry_of
-from ..spec import DeltaSpec, Part, Switch, register_method
+from ..spec import DeltaSpec, Part, Switch, explain_failure, register_method
 from .lora import raise_if_training_merged
 
 
@@ -91,6 +91,11 @@ class _Redirect:
         if not self.switch.active:
             raise_if_training_merged(self.switch, module)
         apply_redirect(module, self.switch.active, self.pairs)
+        if self.switch.active and args and isinstance(args[0], torch.Tensor):
+            attr = self.pairs[0][0]
+            copy = module.__dict__[attr]
+            if copy.is_meta and not args[0].is_meta:  # torch would compute garbage
+                raise explain_failure(self.switch.name, module, args[0], (copy,), None)
 
 
 def apply_redirect(module: nn.Module, active: bool, pairs) -> None:

@@ -19,7 +19,14 @@ from torch import nn
 from ..errors import DeltaStateError, SpecError, UnsupportedModuleError
 from ..ledger import Ledger
 from ..merging import swap_in
-from ..spec import DeltaSpec, Part, Switch, check_probability, register_method
+from ..spec import (
+    DeltaSpec,
+    Part,
+    Switch,
+    check_probability,
+    explain_failure,
+    register_method,
+)
 from ..targets import first_match, is_conv1d_gpt2
 
 INITS = ("default", "gaussian", "random")
@@ -172,6 +179,14 @@ class _Bypass:
         a = params[self.a]
         b = params[self.b]
         x = args[0]
+        if a.is_meta and not output.is_meta:  # torch would compute garbage, not raise
+            raise explain_failure(self.switch.name, module, x, (a, b), None)
+        try:
+            return self._add(module, x, a, b, output)
+        except (RuntimeError, NotImplementedError) as err:
+            raise explain_failure(self.switch.name, module, x, (a, b), err) from err
+
+    def _add(self, module: nn.Module, x, a, b, output):
         kind = self.kind
         if kind == "embedding":
             h = F.embedding(x, a.t(), module.padding_idx)
