@@ -9,11 +9,13 @@ the median of the per-round ratios cancels most of what is left.
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import TracebackType
 
 import torch
 
@@ -76,6 +78,64 @@ def spread(values: list[float]) -> float:
         return (max(values) - min(values)) / 2 / statistics.median(values)
     q1, _, q3 = statistics.quantiles(values, n=4)
     return (q3 - q1) / 2 / statistics.median(values)
+
+
+def ratio_of_minima(numerator: list[float], denominator: list[float]) -> float:
+    """Best time over best time: what each side costs when nothing else disturbed it."""
+    return min(numerator) / min(denominator)
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent on anything but idling (Linux /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest is in user already
+
+
+class Contention:
+    """Share of the machine's CPUs that *other* processes used during a ``with`` block.
+
+    Why: on a shared box the ratio of two timings is only meaningful when the rest
+    of the machine was quiet; printing this next to a result says how far to trust it.
+    ``share`` is None where /proc/stat is missing.
+    """
+
+    def __init__(self) -> None:
+        self.share: float | None = None
+
+    def __enter__(self) -> Contention:
+        self._busy = _busy_seconds()
+        self._own = _own_seconds()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        busy = _busy_seconds()
+        if busy is None or self._busy is None:
+            return
+        wall = time.perf_counter() - self._wall
+        foreign = (busy - self._busy) - (_own_seconds() - self._own)
+        self.share = max(0.0, foreign / (wall * (os.cpu_count() or 1)))
+
+    def describe(self) -> str:
+        if self.share is None:
+            return "other processes' CPU use unknown"
+        return f"other processes used {self.share * 100:.0f}% of {os.cpu_count()} CPUs"
+
+
+def _own_seconds() -> float:
+    """CPU seconds of this process and its finished children."""
+    own = os.times()
+    return own.user + own.system + own.children_user + own.children_system
 
 
 def current_rss_bytes() -> int:

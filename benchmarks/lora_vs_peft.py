@@ -69,6 +69,7 @@ SHAPES: dict[str, tuple[int, int]] = {
 }
 
 GOALS = {"forward": 0.97, "train": 0.95, "merged": 1.01, "memory": 1.00}
+BUSY_WARNING = 0.10  # others' share of the CPUs above which timings are flagged
 
 
 # --------------------------------------------------------------------------- setup
@@ -200,7 +201,7 @@ class Figure:
     ratio: float
     goal: float | None
     unit: str
-    noise: str = ""
+    notes: str = ""
 
     @property
     def verdict(self) -> str:
@@ -268,21 +269,45 @@ def environment(args: argparse.Namespace, device: torch.device) -> list[str]:
     ]
 
 
-def print_times(title: str, times: dict[str, list[float]]) -> None:
-    print(f"\n{title}")
+def timed_phase(
+    title: str,
+    cases: dict[str, Callable[[], object]],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> tuple[dict[str, list[float]], float | None]:
+    """Interleave ``cases``, print their times and how busy the rest of the machine was."""
+    with timing.Contention() as busy:
+        times = timing.interleave(cases, rounds=args.rounds, warmup=args.warmup, device=device)
+    print(f"\n{title}; {busy.describe()}")
+    if busy.share is not None and busy.share > BUSY_WARNING:
+        print("  WARNING: the machine was busy; ratios are unreliable, compare 'best' too")
+        free = (os.cpu_count() or 1) * (1 - busy.share)
+        if device.type == "cpu" and args.threads > 1 and free < args.threads:
+            print(
+                f"  WARNING: ~{free:.1f} CPUs were free for {args.threads} torch threads; "
+                "OpenMP then stalls on every op (--threads 1 degrades more gracefully)"
+            )
     for name, values in times.items():
         ms = [v * 1e3 for v in values]
         print(
             f"  {name:<14} median {timing.median(ms):9.2f} ms   min {min(ms):9.2f}   "
             f"max {max(ms):9.2f}   +/-{timing.spread(values) * 100:4.1f}%"
         )
+    return times, busy.share
 
 
 def timed_figure(
-    name: str, times: dict[str, list[float]], ours: str, other: str, goal: float | None
+    name: str,
+    phase: tuple[dict[str, list[float]], float | None],
+    ours: str,
+    other: str,
+    goal: float | None,
 ) -> Figure:
-    """Medians in ms, the paired ratio, and both sides' noise for the record."""
+    """Medians in ms and the paired ratio; noise, best-time ratio and load as notes."""
+    times, busy = phase
     noise = "/".join(f"{timing.spread(times[n]) * 100:.1f}" for n in (ours, other))
+    best = timing.ratio_of_minima(times[ours], times[other])
+    load = "" if busy is None else f", others' CPU use {busy * 100:.0f}%"
     return Figure(
         name,
         timing.median(times[ours]) * 1e3,
@@ -290,7 +315,7 @@ def timed_figure(
         timing.paired_ratio(times[ours], times[other]),
         goal,
         "ms",
-        f"noise +/-{noise}%",
+        f"best {best:.3f}, noise +/-{noise}%{load}",
     )
 
 
@@ -377,11 +402,11 @@ def profile_forwards(cases: dict[str, Callable[[], object]], calls: int, top: in
 
 
 # -------------------------------------------------------------------------- main
-def run(args: argparse.Namespace, argv: list[str]) -> list[Figure]:
+def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[str]]:
+    """All phases; returns the figures and the equivalence-check lines."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
-    print("\n".join(environment(args, device)))
 
     base = build_base(args, device, dtype)
     ours_model = copy.deepcopy(base)
@@ -394,10 +419,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[Figure]:
 
     fwd = {name: forward_fn(m, ids) for name, m in [("ours", ours_model), ("peft", peft_model)]}
     fwd["base"] = forward_fn(base, ids)
+    checks: list[str] = []
+
+    def check(line: str) -> None:
+        print(f"check: {line}")
+        checks.append(line)
+
     out = {name: fn() for name, fn in fwd.items()}
-    print(f"\ncheck: {copied} LoRA factors copied; trainable params ours {n_ours}, PEFT {n_peft}")
-    print(
-        f"check: max |logits ours - PEFT| = {max_diff(out['ours'], out['peft']):.3g}  "
+    print()
+    check(f"{copied} LoRA factors copied; trainable params ours {n_ours}, PEFT {n_peft}")
+    check(
+        f"max |logits ours - PEFT| = {max_diff(out['ours'], out['peft']):.3g} "
         f"(LoRA effect |ours - base| = {max_diff(out['ours'], out['base']):.3g}, "
         f"max |logits| = {out['ours'].abs().max().item():.3g})"
     )
@@ -405,8 +437,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[Figure]:
         raise SystemExit("trainable parameter counts differ: not the same LoRA")
 
     # 1. LoRA forward (base included for the LoRA overhead, as information)
-    t_fwd = timing.interleave(fwd, rounds=args.rounds, warmup=args.warmup, device=device)
-    print_times("LoRA forward (eval, no_grad)", t_fwd)
+    t_fwd = timed_phase("LoRA forward (eval, no_grad)", fwd, args, device)
 
     if args.profile:
         profile_forwards({"ours": fwd["ours"], "peft": fwd["peft"]}, args.profile)
@@ -419,14 +450,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[Figure]:
         "ours": train_fn(ours_model, ids, losses["ours"]),
         "peft": train_fn(peft_model, ids, losses["peft"]),
     }
-    t_train = timing.interleave(train, rounds=args.rounds, warmup=args.warmup, device=device)
-    print_times("LoRA train step (LM loss fwd + bwd + AdamW)", t_train)
+    t_train = timed_phase("LoRA train step (LM loss fwd + bwd + AdamW)", train, args, device)
     ours_model.eval()
     peft_model.eval()
     loss_gap = max(abs(a.item() - b.item()) for a, b in zip(losses["ours"], losses["peft"]))
     after = {name: fwd[name]() for name in ("ours", "peft")}
-    print(
-        f"check: after {len(losses['ours'])} steps, max |loss ours - PEFT| = {loss_gap:.3g}, "
+    check(
+        f"after {len(losses['ours'])} train steps: max |loss ours - PEFT| = {loss_gap:.3g}, "
         f"max |logits ours - PEFT| = {max_diff(after['ours'], after['peft']):.3g}"
     )
 
@@ -434,19 +464,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[Figure]:
     delta.merge()
     peft_model.merge_adapter()
     merged = {"ours": fwd["ours"](), "peft": fwd["peft"]()}
-    print(
-        f"check: merged vs unmerged max |diff| ours {max_diff(merged['ours'], after['ours']):.3g},"
-        f" PEFT {max_diff(merged['peft'], after['peft']):.3g}"
+    check(
+        f"merged vs unmerged max |logits diff|: ours {max_diff(merged['ours'], after['ours']):.3g}"
+        f", PEFT {max_diff(merged['peft'], after['peft']):.3g}"
     )
-    t_merged = timing.interleave(
+    t_merged = timed_phase(
+        "merged forward (eval, no_grad) vs base without delta",
         {"ours merged": fwd["ours"], "peft merged": fwd["peft"], "base": fwd["base"]},
-        rounds=args.rounds,
-        warmup=args.warmup,
-        device=device,
+        args,
+        device,
     )
-    print_times("merged forward (eval, no_grad) vs base without delta", t_merged)
     delta.unmerge()
     peft_model.unmerge_adapter()
+    check(f"after unmerge, max |logits diff| ours {max_diff(fwd['ours'](), after['ours']):.3g}")
 
     figures = [
         timed_figure("LoRA forward, ours / PEFT", t_fwd, "ours", "peft", GOALS["forward"]),
@@ -482,6 +512,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[Figure]:
                 peak["ours"] / peak["peft"],
                 GOALS["memory"],
                 "MiB",
+                "runs "
+                + " / ".join(", ".join(f"{r['peak'] / MIB:.0f}" for r in mem[side]) for side in mem)
+                + " MiB",
             )
         )
         figures.append(
@@ -494,7 +527,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[Figure]:
                 "MiB",
             )
         )
-    return figures
+    return figures, checks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -504,24 +537,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_worker:
         memory_worker(args)
         return
-    figures = run(args, argv)
+    torch.set_num_threads(args.threads)
+    env = environment(args, torch.device(args.device))
+    print("\n".join(env))
+    figures, checks = run(args, argv)
 
-    print("\nresults")
+    print("\nresults (ratio = median of per-round ratios; best = fastest over fastest)")
     width = max(len(f.name) for f in figures)
     for f in figures:
         cells = f.cells()
         print(
             f"  {cells[0]:<{width}}  {cells[1]:>12}  {cells[2]:>12}  ratio {cells[3]}  "
-            f"goal {cells[4]:<7}  {cells[5]:<4}  {f.noise}"
+            f"goal {cells[4]:<7}  {cells[5]:<4}  {f.notes}"
         )
-    device = torch.device(args.device)
     text = "\n".join(
         [
             "# deltahooks LoRA vs PEFT",
             "",
-            *(f"- {line}" for line in environment(args, device)),
+            *(f"- {line}" for line in env),
             "",
             markdown_table(figures),
+            "",
+            *(f"- {f.name}: {f.notes}" for f in figures if f.notes),
+            *(f"- {line}" for line in checks),
             "",
         ]
     )
