@@ -26,7 +26,6 @@ from .attach import attach
 from .delta import Delta
 from .io import load_delta
 from .methods import Full, LoRA
-from .summary import summary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -42,13 +41,12 @@ LORA_TARGETS = ["query", "key", "value", "dense"]
 class Split:
     """Tokenised words with their labels (1 = positive), padded to the longest word."""
 
-    words: list[str]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
 
     def __len__(self) -> int:
-        return len(self.words)
+        return len(self.labels)
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows ``index``, trimmed to the batch's longest word (most are 3-4 tokens)."""
@@ -120,12 +118,15 @@ def load_words(seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]
 
 def encode(tokenizer: PreTrainedTokenizerBase, data: list[tuple[str, int]]) -> Split:
     """Tokenise once up front, so training and evaluation measure only the model."""
-    words = [word for word, _ in data]
     tokens = tokenizer(
-        words, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        [word for word, _ in data],
+        padding=True,
+        truncation=True,
+        max_length=MAX_LENGTH,
+        return_tensors="pt",
     )
     labels = torch.tensor([label for _, label in data])
-    return Split(words, tokens["input_ids"], tokens["attention_mask"], labels)
+    return Split(tokens["input_ids"], tokens["attention_mask"], labels)
 
 
 # ------------------------------------------------------------ training and eval
@@ -256,7 +257,7 @@ def _report_trainable(model: nn.Module) -> None:
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3g}%)")
 
 
 def run_demo(
@@ -288,8 +289,9 @@ def run_demo(
     print(f"test accuracy: {accuracy_before:.3f} before -> {accuracy_after:.3f} after training")
     print(f"train time: {seconds:.1f} s on {torch.get_num_threads()} CPU threads")
     if delta is None:
+        print("full fine-tuning changed the model itself: no delta to save, detach or reload")
         return 0
-    print(summary(model))
+    print(f"delta: {delta!r}  (dh.summary(model) lists every part)")
     ok = prove(model, delta, output, before, base_logits, tuned_logits, test_set)
     print("all proofs hold" if ok else "a proof FAILED")
     return 0 if ok else 1

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from ..errors import DeltaStateError, SpecError, UnsupportedModuleError
 from ..ledger import Ledger
@@ -159,9 +160,14 @@ def _initialise(a: torch.Tensor, b: torch.Tensor, init: str, kind: str, rank: in
 
 
 class _Bypass:
-    """The forward hook: adds ``s · B(A(x))`` to the module's output."""
+    """The forward hook: adds ``s · B(A(x))`` to the module's output.
 
-    __slots__ = ("a", "b", "dropout", "kind", "scale", "switch")
+    When this hook is the module's first forward hook, nobody else has seen the output
+    yet, so the update is accumulated into it in place (one GEMM, no copy; the layers
+    LoRA adapts never save their output for backward). Otherwise it returns a new tensor.
+    """
+
+    __slots__ = ("a", "b", "dropout", "hook_id", "kind", "scale", "switch")
 
     def __init__(self, switch: Switch, a: str, b: str, scale: float, dropout: float, kind: str):
         self.switch = switch
@@ -170,15 +176,16 @@ class _Bypass:
         self.scale = scale
         self.dropout = dropout
         self.kind = kind
+        self.hook_id = -1
 
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor):
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
         if not self.switch.active:
             raise_if_training_merged(self.switch, module)
             return None
         params = module._parameters
         a = params[self.a]
         b = params[self.b]
-        x = args[0]
+        x = args[0] if args else next(iter(kwargs.values()))
         if a.is_meta and not output.is_meta:  # torch would compute garbage, not raise
             raise explain_failure(self.switch.name, module, x, (a, b), None)
         try:
@@ -198,13 +205,15 @@ class _Bypass:
             conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
             return output + conv(h, b) * self.scale
         h = F.linear(x, a)
-        # one GEMM that accumulates into a copy of the output: out + s · h Bᵀ
-        flat = torch.addmm(
-            output.reshape(-1, output.shape[-1]),
-            h.reshape(-1, h.shape[-1]),
-            b.t(),
-            alpha=self.scale,
-        )
+        h = h.reshape(-1, h.shape[-1])
+        if (
+            next(iter(module._forward_hooks)) == self.hook_id
+            and not _global_forward_hooks
+            and output.is_contiguous()
+        ):
+            output.view(-1, output.shape[-1]).addmm_(h, b.t(), alpha=self.scale)
+            return output
+        flat = torch.addmm(output.reshape(-1, output.shape[-1]), h, b.t(), alpha=self.scale)
         return flat.view(output.shape)
 
 
@@ -219,7 +228,7 @@ class LoRAPart(Part):
         self.register_tensors(ledger)
         a, b = (entry.reserved for entry in self.entries)
         hook = _Bypass(switch, a, b, self.scale, self.dropout, self.kind)
-        ledger.forward_hook(self.path, hook)
+        hook.hook_id = ledger.forward_hook(self.path, hook, with_kwargs=True).handle.id
 
     @torch.no_grad()
     def delta_weight(self, ledger: Ledger) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -163,3 +164,49 @@ def test_unsupported_module_types_are_refused_and_nothing_changes():
         dh.attach(model, dh.LoRA(targets=["2"]))
     assert not model[0]._forward_hooks and list(model.state_dict())[:2] == ["0.weight", "0.bias"]
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_keyword_input_reaches_the_hook():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    dh.attach(model, dh.LoRA(targets=["0"], r=2, init="random"))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(model[0](input=x), model[0](x))
+
+
+def test_an_earlier_hook_keeps_the_output_it_saw():
+    """The in-place fast path is only taken when no other hook has seen the output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    seen = []
+    handle = model[0].register_forward_hook(
+        lambda m, a, out: seen.append(out.clone()) or seen.append(out)
+    )
+    delta = dh.attach(model, dh.LoRA(targets=["0"], r=2, init="random"))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        y = model(x)
+        with delta.disabled():
+            base = model(x)
+    copy_at_hook_time, kept = seen[0], seen[1]
+    assert torch.equal(kept, copy_at_hook_time) and torch.equal(kept, base)
+    assert not torch.equal(y, base)
+    handle.remove()
+
+
+def test_in_place_accumulation_trains_like_the_out_of_place_path():
+    torch.manual_seed(0)
+    fast = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    slow = copy.deepcopy(fast)
+    for layer in slow:  # an earlier no-op hook forces the out-of-place path
+        layer.register_forward_hook(lambda m, a, out: None)
+    x = torch.randn(5, 4)
+    grads = []
+    for model in (fast, slow):
+        torch.manual_seed(1)
+        delta = dh.attach(model, dh.LoRA(targets=nn.Linear, r=2, init="random"))
+        model(x).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in delta.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
