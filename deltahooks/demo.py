@@ -96,7 +96,8 @@ def load_model(seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
 def load_words(seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """VADER words with |valence| >= 1, labelled positive/negative; 80/20 split by word.
 
-    Words are deduplicated case-insensitively (the tokenizer is uncased, so "LOL" and
+    Only alphabetic entries are kept (5,586 words): the lexicon also rates emoticons
+    such as ":-)", which are not words. Words are deduplicated case-insensitively (the tokenizer is uncased, so "LOL" and
     "lol" in different splits would leak), and the few whose duplicates disagree in
     sign are dropped.
     """
@@ -107,7 +108,7 @@ def load_words(seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]
     labels: dict[str, set[int]] = {}
     for line in lexicon.read_text(encoding="utf-8").splitlines():
         fields = line.split("\t")
-        if len(fields) < 2 or abs(float(fields[1])) < 1.0:
+        if len(fields) < 2 or abs(float(fields[1])) < 1.0 or not fields[0].isalpha():
             continue
         labels.setdefault(fields[0].lower(), set()).add(int(float(fields[1]) > 0))
     words = sorted((word, seen.pop()) for word, seen in labels.items() if len(seen) == 1)
