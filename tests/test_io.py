@@ -98,6 +98,14 @@ BAD_FILES = [
         "not a readable",
     ),
     (
+        "header too large",
+        lambda p, d: (
+            (d / "h.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
+            and d / "h.safetensors"
+        ),
+        "header too large",
+    ),
+    (
         "no metadata",
         lambda p, d: rewrite(p, d / "m.safetensors", meta=lambda m: {"x": "y"}),
         "no deltahooks metadata",
