@@ -22,7 +22,7 @@ from .errors import DeltaFileError, DeltaStateError
 from .ledger import Ledger
 from .merging import merged_on_top
 from .registry import close_registry_if_empty, registry_of
-from .spec import DeltaSpec, Part, Switch
+from .spec import DeltaSpec, MergedGuard, Part, Switch
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -236,6 +236,9 @@ class Delta(nn.Module):
             self._set(merged=False)
             raise
         self._set(merged=True)
+        for part in self._parts:
+            part.remove_hooks(self._ledger)
+        self.__dict__["_guard"] = self._ledger.forward_pre_hook("", MergedGuard(self._switch))
 
     def unmerge(self) -> None:
         """Put the original weights back exactly (restored, not subtracted)."""
@@ -248,8 +251,11 @@ class Delta(nn.Module):
                 f"cannot unmerge delta {self.name!r}: {blocking} merged into the same weights "
                 f"after it; unmerge {blocking[-1]!r} first"
             )
+        self._ledger.remove(self.__dict__.pop("_guard"))
         for part in reversed(sorted(self._parts, key=lambda p: p.merge_order)):
             part.unmerge(self._ledger)
+        for part in self._parts:
+            part.install_hooks(self._ledger, self._switch)
         self._set(merged=False)
 
     def enable(self) -> None:

@@ -87,6 +87,7 @@ class Part:
         self.entries: list = []  # the ledger TensorEntry objects holding this part's state
         self.spec_index = 0  # which spec of its Delta made it
         self.merges: list[Merged] = []  # what merge() swapped in, for unmerge()
+        self.hooks: list = []  # the ledger HookEntry objects of install_hooks()
 
     def register_tensors(self, ledger: Ledger) -> None:
         for (owner, local), (value, is_parameter) in self.tensors.items():
@@ -96,7 +97,18 @@ class Part:
         self.tensors = {}
 
     def install(self, ledger: Ledger, switch: Switch) -> None:
+        """Register the tensors once, then the hooks (which merging takes away again)."""
+        self.register_tensors(ledger)
+        self.install_hooks(ledger, switch)
+
+    def install_hooks(self, ledger: Ledger, switch: Switch) -> None:
+        """Register this part's hooks through the ledger, appending them to ``self.hooks``."""
         raise NotImplementedError
+
+    def remove_hooks(self, ledger: Ledger) -> None:
+        """Drop this part's hooks: a merged delta computes through the weights alone."""
+        while self.hooks:
+            ledger.remove(self.hooks.pop())
 
     def merge(self, ledger: Ledger) -> None:
         raise NotImplementedError
@@ -108,6 +120,27 @@ class Part:
 
     def sync(self, ledger: Ledger, switch: Switch) -> None:
         """Called after enable/disable/merge; most parts read the switch in hooks instead."""
+
+
+class MergedGuard:
+    """The one hook a merged delta keeps, on its root: training it would change nothing.
+
+    The per-layer hooks are removed while merged (so a merged forward costs what the base
+    costs); this single pre-hook still refuses a training forward.
+    """
+
+    __slots__ = ("switch",)
+
+    def __init__(self, switch: Switch) -> None:
+        self.switch = switch
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if module.training and torch.is_grad_enabled():
+            raise DeltaStateError(
+                f"delta {self.switch.name!r} is merged, so training would not update it; "
+                "call delta.unmerge() before training, or model.eval() / torch.no_grad() "
+                "for inference"
+            )
 
 
 class Switch:

@@ -226,3 +226,17 @@ def test_merging_under_another_deltas_full_copy_is_refused_until_it_merges():
         lora.unmerge()
         full.unmerge()
         torch.testing.assert_close(model(x), hooked)
+
+
+def test_a_merged_delta_keeps_a_single_guard_hook():
+    model = make_model().eval()
+    delta = dh.attach(model, [dh.LoRA(targets=["0", "2"], init="random"), dh.Full(targets=["2"])])
+
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    assert hooks() == 3
+    delta.merge()
+    assert hooks() == 1  # the per-layer hooks are gone: the base forward runs as is
+    delta.unmerge()
+    assert hooks() == 3

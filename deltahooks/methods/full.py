@@ -123,8 +123,11 @@ class FullPart(Part):
                 (entry.local, entry.reserved, entry.is_parameter)
             )
             ledger.shadow(entry.path, entry.local, ledger.tensor(entry))
+        self.install_hooks(ledger, switch)
+
+    def install_hooks(self, ledger: Ledger, switch: Switch) -> None:
         for owner, pairs in self.owners.items():
-            ledger.forward_pre_hook(owner, _Redirect(switch, pairs))
+            self.hooks.append(ledger.forward_pre_hook(owner, _Redirect(switch, pairs)))
 
     def sync(self, ledger: Ledger, switch: Switch) -> None:
         for owner, pairs in self.owners.items():

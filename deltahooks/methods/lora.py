@@ -224,11 +224,12 @@ class LoRAPart(Part):
         self.scale = scale
         self.dropout = dropout
 
-    def install(self, ledger: Ledger, switch: Switch) -> None:
-        self.register_tensors(ledger)
+    def install_hooks(self, ledger: Ledger, switch: Switch) -> None:
         a, b = (entry.reserved for entry in self.entries)
         hook = _Bypass(switch, a, b, self.scale, self.dropout, self.kind)
-        hook.hook_id = ledger.forward_hook(self.path, hook, with_kwargs=True).handle.id
+        entry = ledger.forward_hook(self.path, hook, with_kwargs=True)
+        hook.hook_id = entry.handle.id
+        self.hooks.append(entry)
 
     @torch.no_grad()
     def delta_weight(self, ledger: Ledger) -> torch.Tensor:
