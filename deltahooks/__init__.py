@@ -18,6 +18,7 @@ from .errors import (
     TargetError,
     UnsupportedModuleError,
 )
+from .interop.peft import load_peft
 from .io import load_delta as load
 from .methods import Full, LoRA
 from .spec import DeltaSpec
@@ -42,6 +43,7 @@ __all__ = [
     "deltas",
     "detach",
     "load",
+    "load_peft",
     "resolve_targets",
     "summary",
 ]

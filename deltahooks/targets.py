@@ -141,6 +141,8 @@ def describe(targets: Target) -> object:
 
 def _closest(entry, model: nn.Module, limit: int = 5) -> list[str]:
     paths = [p for p, _ in model.named_modules() if p]
+    if isinstance(entry, Paths) and entry:
+        entry = entry[0]
     if not isinstance(entry, str):
         return paths[:limit]
     probe = entry[3:] if entry.startswith("re:") else entry

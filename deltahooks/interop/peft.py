@@ -1,0 +1,164 @@
+"""Import PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+PEFT keys look like ``base_model.model.<path>.lora_A.weight`` (embeddings:
+``<path>.lora_embedding_A``); ``modules_to_save`` copies are stored under their own
+``<path>.<param>``. Our LoRA uses the same layouts, so tensors load without transposes;
+``modules_to_save`` becomes a :class:`~deltahooks.Full` part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from torch import nn
+
+from ..errors import DeltaError, DeltaFileError
+from ..targets import Paths, resolve_targets
+
+PREFIX = "base_model.model."
+LORA_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B",
+}
+
+
+def _peft_pattern(path: str, patterns: dict, default):
+    """PEFT's rule for rank_pattern/alpha_pattern keys: a regex matching a path suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _read(directory: str) -> tuple[dict, dict]:
+    config_path = os.path.join(directory, "adapter_config.json")
+    weights_path = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(config_path):
+        raise DeltaFileError(
+            f"{directory!r} has no adapter_config.json: pass the directory that PEFT's "
+            "save_pretrained() wrote"
+        )
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise DeltaFileError(f"{config_path!r} is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise DeltaFileError(f"{config_path!r} does not hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise DeltaFileError(
+            f"peft_type {config.get('peft_type')!r} is not supported by the importer yet "
+            "(supported: 'LORA')"
+        )
+    if config.get("use_dora"):
+        raise NotImplementedError("importing PEFT DoRA adapters is not supported yet")
+    if config.get("bias", "none") != "none":
+        raise NotImplementedError(f"PEFT LoRA with bias={config['bias']!r} is not supported yet")
+    if not os.path.isfile(weights_path):
+        raise DeltaFileError(
+            f"{directory!r} has no adapter_model.safetensors (pickled .bin is refused)"
+        )
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DeltaFileError(
+            f"{weights_path!r} is not a readable safetensors file ({err})"
+        ) from None
+    return config, tensors
+
+
+def load_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str | None = None,
+    *,
+    freeze_base: bool = True,
+):
+    """Attach a PEFT LoRA adapter directory to ``model`` as a deltahooks delta.
+
+    The model's outputs then equal PEFT's for the same adapter. DoRA and LoRA biases
+    raise ``NotImplementedError``; other PEFT types raise :class:`DeltaFileError`.
+
+    Example (``my-adapter/`` as written by PEFT's ``save_pretrained``)::
+
+        delta = dh.load_peft(model, "my-adapter/")
+        delta.save("my-adapter.safetensors")  # now a deltahooks file
+    """
+    from ..attach import attach
+    from ..methods import Full, LoRA
+
+    directory = os.fspath(directory)
+    config, tensors = _read(directory)
+    lora: dict[str, dict] = {}
+    other: dict[str, object] = {}
+    for key, tensor in tensors.items():
+        bare = key.removeprefix(PREFIX)
+        for suffix, local in LORA_SUFFIXES.items():
+            if bare.endswith(suffix):
+                lora.setdefault(bare[: -len(suffix)], {})[local] = tensor
+                break
+        else:
+            other[bare] = tensor
+    incomplete = [path for path, pair in lora.items() if set(pair) != {"lora_A", "lora_B"}]
+    if incomplete:
+        raise DeltaFileError(f"{directory!r}: LoRA tensors without their pair at {incomplete[:5]}")
+    try:
+        specs = []
+        state = {}
+        if lora:
+            paths = list(lora)
+            known = {p for p, _ in model.named_modules()}
+            missing = [p for p in paths if p not in known]
+            if missing:  # raises a TargetError that lists the closest module names
+                resolve_targets(model, Paths(missing))
+            r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+            ranks = {p: int(lora[p]["lora_A"].shape[0]) for p in paths}
+            alphas = {
+                p: float(_peft_pattern(p, config.get("alpha_pattern") or {}, alpha)) for p in paths
+            }
+            exact = {p: "re:" + re.escape(p) for p in paths}
+            specs.append(
+                LoRA(
+                    targets=Paths(paths),
+                    r=r,
+                    alpha=alpha,
+                    dropout=float(config.get("lora_dropout", 0.0)),
+                    rslora=bool(config.get("use_rslora", False)),
+                    rank_pattern={exact[p]: ranks[p] for p in paths if ranks[p] != r},
+                    alpha_pattern={exact[p]: alphas[p] for p in paths if alphas[p] != alpha},
+                )
+            )
+            for path, pair in lora.items():
+                state[f"{path}.lora_A"] = pair["lora_A"]
+                state[f"{path}.lora_B"] = pair["lora_B"]
+        saved = config.get("modules_to_save") or []
+        if saved:
+            heads = [p for p, _ in resolve_targets(model, list(saved))]
+            heads = [h for h in heads if any(k.startswith(h + ".") for k in other)]
+            if heads:
+                specs.append(Full(targets=Paths(heads)))
+            state.update(other)
+        elif other:
+            raise DeltaFileError(
+                f"{directory!r}: tensors {sorted(other)[:5]} belong to no LoRA layer"
+            )
+        if not specs:
+            raise DeltaFileError(f"{directory!r} holds no LoRA tensors")
+    except DeltaFileError:
+        raise
+    except DeltaError as err:
+        raise DeltaFileError(f"{directory!r} does not fit {type(model).__name__}: {err}") from None
+    delta = attach(model, specs, name=name, freeze_base=freeze_base)
+    try:
+        delta.load_state_dict(state)
+    except BaseException:
+        delta.detach()
+        raise
+    return delta
