@@ -8,10 +8,12 @@ the median of the per-round ratios cancels most of what is left.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import resource
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -172,3 +174,21 @@ def _status_field(name: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def git_commit() -> str:
+    """The short commit the benchmark ran on, so a table can be traced to its code."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "no commit"
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

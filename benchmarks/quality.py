@@ -25,7 +25,6 @@ Writes ``benchmarks/out/quality.md`` and ``benchmarks/out/quality.png``
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -386,17 +385,7 @@ def environment(args: argparse.Namespace, rows: list[Row]) -> list[str]:
     import peft
     import transformers
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "no commit"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit, now = timing.git_commit(), timing.utc_now()
     first = rows[0].runs[0]
     return [
         f"date: {now}",

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 import platform
-import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,17 +278,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> list[str]:
     import peft
     import transformers
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "no commit"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit, now = timing.git_commit(), timing.utc_now()
     return [
         f"date: {now}",
         f"device: {device} - {lvp.device_name(device)}; torch threads: {torch.get_num_threads()}"

@@ -113,6 +113,24 @@ def attach(
     return delta
 
 
+def attach_with_state(
+    model: nn.Module,
+    specs: Sequence[DeltaSpec],
+    state: dict,
+    *,
+    name: str | None,
+    freeze_base: bool,
+) -> Delta:
+    """:func:`attach`, then copy ``state`` in; if that fails the delta is detached again."""
+    delta = attach(model, specs, name=name, freeze_base=freeze_base)
+    try:
+        delta.load_state_dict(state)
+    except BaseException:
+        delta.detach()
+        raise
+    return delta
+
+
 def deltas(model: nn.Module) -> dict[str, Delta]:
     """The deltas attached to ``model`` (or to a submodule of it), by name.
 

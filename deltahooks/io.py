@@ -165,7 +165,7 @@ def load_delta(
         >>> delta.paths
         ['0']
     """
-    from .attach import NAME_PATTERN, attach, plan_parts
+    from .attach import NAME_PATTERN, attach_with_state, plan_parts
 
     header = read_header(path)
     specs = specs_from_header(header)
@@ -189,13 +189,7 @@ def load_delta(
         name = header.get("name", "default")
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise DeltaFileError(f"{os.fspath(path)!r}: the stored delta name {name!r} is invalid")
-    delta = attach(model, specs, name=name, freeze_base=freeze_base)
-    try:
-        delta.load_state_dict(tensors)
-    except BaseException:
-        delta.detach()
-        raise
-    return delta
+    return attach_with_state(model, specs, tensors, name=name, freeze_base=freeze_base)
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

@@ -91,7 +91,7 @@ def load_peft(
         delta = dh.load_peft(model, "my-adapter/")
         delta.save("my-adapter.safetensors")  # now a deltahooks file
     """
-    from ..attach import attach
+    from ..attach import attach_with_state
     from ..methods import Full, LoRA
 
     directory = os.fspath(directory)
@@ -155,10 +155,4 @@ def load_peft(
         raise
     except DeltaError as err:
         raise DeltaFileError(f"{directory!r} does not fit {type(model).__name__}: {err}") from None
-    delta = attach(model, specs, name=name, freeze_base=freeze_base)
-    try:
-        delta.load_state_dict(state)
-    except BaseException:
-        delta.detach()
-        raise
-    return delta
+    return attach_with_state(model, specs, state, name=name, freeze_base=freeze_base)
