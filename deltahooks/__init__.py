@@ -20,7 +20,7 @@ from .errors import (
 )
 from .interop.peft import load_peft
 from .io import load_delta as load
-from .methods import Full, LoRA
+from .methods import Adapter, Full, LoRA
 from .spec import DeltaSpec
 from .summary import summary
 from .targets import Paths, resolve_targets
@@ -28,6 +28,7 @@ from .targets import Paths, resolve_targets
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "Delta",
     "DeltaError",
     "DeltaFileError",

@@ -184,6 +184,20 @@ CASES = [
         dh.SpecError,
         "must be a dict",
     ),
+    (
+        "adapter bottleneck larger than the hidden size",
+        fresh,
+        lambda m, d: dh.attach(m, dh.Adapter(targets=["1"], bottleneck=16)),
+        dh.SpecError,
+        r"larger than the hidden size 8.*bottleneck <= 8",
+    ),
+    (
+        "adapter bottleneck = 0",
+        fresh,
+        lambda m, d: dh.attach(m, dh.Adapter(targets=["1"], bottleneck=0)),
+        dh.SpecError,
+        "positive integer",
+    ),
     ("empty target list", fresh, lambda m, d: attach([])(m), dh.SpecError, "targets is empty"),
     (
         "spec of the wrong type",

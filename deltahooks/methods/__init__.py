@@ -1,6 +1,7 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
+from .adapter import Adapter
 from .full import Full
 from .lora import LoRA
 
-__all__ = ["Full", "LoRA"]
+__all__ = ["Adapter", "Full", "LoRA"]

@@ -1,0 +1,83 @@
+"""Adapter: a residual bottleneck on a module's output, checked against the formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_checks import assert_outputs_equal, assert_restored, snapshot
+from torch import nn
+
+import deltahooks as dh
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "silu"])
+def test_output_matches_the_formula(activation):
+    model = make_model()
+    x = torch.randn(4, 6)
+    spec = dh.Adapter(targets=["1"], bottleneck=3, activation=activation, scale=0.5, init="random")
+    delta = dh.attach(model, spec)
+    state = delta.state_dict()
+    act = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}[activation]
+    with torch.no_grad():
+        with delta.disabled():
+            y = model[1](model[0](x))
+        h = act(y @ state["1.adapter_down"].T + state["1.adapter_down_bias"])
+        want = model[2](y + 0.5 * (h @ state["1.adapter_up"].T + state["1.adapter_up_bias"]))
+        torch.testing.assert_close(model(x), want)
+
+
+def test_default_init_leaves_outputs_unchanged_and_detach_restores():
+    model = make_model()
+    before = snapshot(model)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        base = model(x)
+        delta = dh.attach(model, dh.Adapter(targets=nn.Linear, bottleneck=2))
+        assert_outputs_equal(model(x), base)
+    model.train()
+    model(x).pow(2).mean().backward()
+    torch.optim.SGD(delta.parameters(), lr=0.1).step()
+    model.eval()
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_save_and_load_reproduce_outputs(tmp_path):
+    model, fresh = make_model(), make_model()
+    delta = dh.attach(model, dh.Adapter(targets=["0", "1"], bottleneck=4, init="random"))
+    delta.save(tmp_path / "a.safetensors")
+    dh.load(fresh, tmp_path / "a.safetensors")
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert_outputs_equal(fresh(x), model(x))
+
+
+def test_merge_is_refused_and_changes_nothing():
+    model = make_model()
+    delta = dh.attach(
+        model, [dh.LoRA(targets=["2"], init="random"), dh.Adapter(targets=["1"], bottleneck=2)]
+    )
+    before = snapshot(model)
+    with pytest.raises(NotImplementedError, match="non-linear"):
+        delta.merge()
+    assert_restored(model, before)
+    assert not delta.merged
+
+
+def test_width_must_be_known_and_output_a_tensor():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    model = nn.Sequential(Pair())
+    with pytest.raises(dh.UnsupportedModuleError, match="hidden_size"):
+        dh.attach(model, dh.Adapter(targets=["0"], bottleneck=2))
+    dh.attach(model, dh.Adapter(targets=["0"], bottleneck=2, hidden_size=4))
+    with pytest.raises(dh.UnsupportedModuleError, match="tensor output"):
+        model(torch.randn(1, 4))
