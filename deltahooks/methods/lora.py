@@ -227,7 +227,9 @@ class LoRAPart(Part):
     def install_hooks(self, ledger: Ledger, switch: Switch) -> None:
         a, b = (entry.reserved for entry in self.entries)
         hook = _Bypass(switch, a, b, self.scale, self.dropout, self.kind)
-        entry = ledger.forward_hook(self.path, hook, with_kwargs=True)
+        # prepend: a LoRA update is part of the layer itself, so it runs before any other
+        # forward hook (an Adapter on the same output sees base + update, merged or not)
+        entry = ledger.forward_hook(self.path, hook, with_kwargs=True, prepend=True)
         hook.hook_id = entry.handle.id
         self.hooks.append(entry)
 

@@ -81,3 +81,21 @@ def test_width_must_be_known_and_output_a_tensor():
     dh.attach(model, dh.Adapter(targets=["0"], bottleneck=2, hidden_size=4))
     with pytest.raises(dh.UnsupportedModuleError, match="tensor output"):
         model(torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("adapter_first", [True, False])
+def test_an_adapter_sees_the_layer_with_its_lora_update_in_any_order(adapter_first):
+    model = make_model()
+    x = torch.randn(4, 6)
+    specs = {
+        "adapter": dh.Adapter(targets=["0"], bottleneck=3, init="random"),
+        "lora": dh.LoRA(targets=["0"], r=2, init="random"),
+    }
+    order = ["adapter", "lora"] if adapter_first else ["lora", "adapter"]
+    deltas = {name: dh.attach(model, specs[name], name=name) for name in order}
+    with torch.no_grad():
+        hooked = model(x)
+        deltas["lora"].merge()  # LoRA folded into the weight: the adapter must see the same
+        torch.testing.assert_close(model(x), hooked)
+        deltas["lora"].unmerge()
+        torch.testing.assert_close(model(x), hooked)

@@ -179,11 +179,12 @@ def test_an_earlier_hook_keeps_the_output_it_saw():
     """The in-place fast path is only taken when no other hook has seen the output."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
-    seen = []
-    handle = model[0].register_forward_hook(
-        lambda m, a, out: seen.append(out.clone()) or seen.append(out)
-    )
     delta = dh.attach(model, dh.LoRA(targets=["0"], r=2, init="random"))
+    seen = []
+    # prepend: this hook runs before the LoRA hook and keeps a reference to the base output
+    handle = model[0].register_forward_hook(
+        lambda m, a, out: seen.append(out.clone()) or seen.append(out), prepend=True
+    )
     x = torch.randn(2, 4)
     with torch.no_grad():
         y = model(x)
@@ -199,13 +200,14 @@ def test_in_place_accumulation_trains_like_the_out_of_place_path():
     torch.manual_seed(0)
     fast = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     slow = copy.deepcopy(fast)
-    for layer in slow:  # an earlier no-op hook forces the out-of-place path
-        layer.register_forward_hook(lambda m, a, out: None)
     x = torch.randn(5, 4)
     grads = []
     for model in (fast, slow):
         torch.manual_seed(1)
         delta = dh.attach(model, dh.LoRA(targets=nn.Linear, r=2, init="random"))
+        if model is slow:  # a no-op hook that runs first forces the out-of-place path
+            for layer in (slow[0], slow[2]):
+                layer.register_forward_hook(lambda m, a, out: None, prepend=True)
         model(x).pow(2).sum().backward()
         grads.append({n: p.grad.clone() for n, p in delta.named_parameters()})
     for name in grads[0]:
