@@ -56,6 +56,7 @@ MIB = 1024 * 1024
 SPLIT_SEED = 0  # the demo's default split; fixed across seeds so only training varies
 RANK, ALPHA, DROPOUT = 8, 16, 0.05
 HEAD = ["classifier"]
+ADAPTER_BOTTLENECK = 32
 
 # row key -> label in the table
 METHODS: dict[str, str] = {
@@ -63,12 +64,14 @@ METHODS: dict[str, str] = {
     "head": "head only (`dh.Full(classifier)`)",
     "lora": "deltahooks LoRA r=8 α=16 + `Full(classifier)`",
     "peft": "PEFT LoRA r=8 α=16 + `modules_to_save`",
+    "adapter": "deltahooks Adapter (bottleneck 32 after attention and FFN outputs) + `Full(classifier)`",
 }
 SHORT: dict[str, str] = {
     "full": "full FT",
     "head": "head only",
     "lora": "deltahooks LoRA",
     "peft": "PEFT LoRA",
+    "adapter": "deltahooks Adapter",
 }
 # the demo's rates, but for the head; PEFT trains the same LoRA + head, so it gets LoRA's rate.
 # Head only gets 1e-2: at the demo's 1e-3 a 770-parameter probe is far from converged after
@@ -79,12 +82,14 @@ LEARNING_RATES: dict[str, float] = {
     "head": 1e-2,
     "lora": demo.LEARNING_RATES["lora"],
     "peft": demo.LEARNING_RATES["lora"],
+    "adapter": demo.LEARNING_RATES["lora"],
 }
 DELTA_FILE: dict[str, str] = {
     "full": "whole state_dict, safetensors",
     "head": "`delta.save`",
     "lora": "`delta.save`",
     "peft": "`adapter_model.safetensors`",
+    "adapter": "`delta.save`",
 }
 
 
@@ -179,9 +184,11 @@ def prepare(method: str, model: nn.Module) -> tuple[nn.Module, Any]:
             return folder / "adapter_model.safetensors"
 
         return peft_model, save_peft
-    specs: list[dh.LoRA | dh.Full] = [dh.Full(targets=HEAD)]
+    specs: list[dh.DeltaSpec] = [dh.Full(targets=HEAD)]
     if method == "lora":
         specs.insert(0, dh.LoRA(targets=demo.LORA_TARGETS, r=RANK, alpha=ALPHA, dropout=DROPOUT))
+    if method == "adapter":  # Houlsby placement: after the attention and the FFN output layers
+        specs.insert(0, dh.Adapter(targets=["output.dense"], bottleneck=ADAPTER_BOTTLENECK))
     delta = dh.attach(model, specs)
 
     def save_delta(folder: Path) -> Path:
@@ -444,7 +451,13 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     stds = [r.accuracy[1] for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     positions = range(len(rows))
-    colors = {"full": "#7f7f7f", "head": "#bcbd22", "lora": "#1f77b4", "peft": "#ff7f0e"}
+    colors = {
+        "full": "#7f7f7f",
+        "head": "#bcbd22",
+        "lora": "#1f77b4",
+        "peft": "#ff7f0e",
+        "adapter": "#2ca02c",
+    }
     ax.bar(
         positions,
         means,
