@@ -12,16 +12,11 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama():
+    from tiny_models import llama
+
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-    )
-    return transformers.LlamaForCausalLM(config).eval(), torch.randint(0, 97, (2, 7))
+    model, inputs = llama()
+    return model.eval(), inputs["input_ids"]
 
 
 def test_no_graph_breaks_and_compiled_matches_eager():
