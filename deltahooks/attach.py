@@ -15,7 +15,7 @@ from .delta import Delta
 from .errors import DeltaStateError, SpecError
 from .ledger import Ledger
 from .registry import close_registry_if_empty, open_registry, registries_under
-from .spec import DeltaSpec, Part, Switch
+from .spec import DeltaSpec, DeviceLike, Part, Switch
 from .targets import resolve_targets
 
 DEFAULT_NAME = "default"
@@ -23,10 +23,23 @@ NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def _as_specs(spec: DeltaSpec | Sequence[DeltaSpec]) -> tuple[DeltaSpec, ...]:
-    specs = (spec,) if isinstance(spec, DeltaSpec) else tuple(spec)
+    if isinstance(spec, DeltaSpec) or _is_spec_class(spec):
+        specs = (spec,)
+    elif isinstance(spec, (list, tuple)):
+        specs = tuple(spec)
+    else:
+        raise SpecError(
+            f"attach expects a deltahooks spec or a list of them, e.g. dh.LoRA(targets=['q_proj']), "
+            f"got {type(spec).__name__}"
+        )
     if not specs:
         raise SpecError("attach got an empty spec list; pass e.g. dh.LoRA(targets=['q_proj'])")
     for item in specs:
+        if _is_spec_class(item):
+            raise SpecError(
+                f"attach got the class dh.{item.__name__}, not a spec: call it with its "
+                f"hyperparameters, e.g. dh.{item.__name__}(targets=['q_proj'])"
+            )
         if not isinstance(item, DeltaSpec):
             raise SpecError(
                 f"attach expects deltahooks specs such as dh.LoRA(...), got {type(item).__name__}"
@@ -34,8 +47,17 @@ def _as_specs(spec: DeltaSpec | Sequence[DeltaSpec]) -> tuple[DeltaSpec, ...]:
     return specs
 
 
-def plan_parts(model: nn.Module, specs: tuple[DeltaSpec, ...]) -> list[Part]:
-    """Resolve, check and build every part without changing the model."""
+def _is_spec_class(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, DeltaSpec)
+
+
+def plan_parts(
+    model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike = None
+) -> list[Part]:
+    """Resolve, check and build every part without changing the model.
+
+    ``device="meta"`` plans shapes only: nothing is allocated or initialised.
+    """
     parts: list[Part] = []
     owner: dict[tuple[str, str], str] = {}
     for index, spec in enumerate(specs):
@@ -43,7 +65,7 @@ def plan_parts(model: nn.Module, specs: tuple[DeltaSpec, ...]) -> list[Part]:
         for path, module in resolved:
             spec.check_module(path, module)
         for path, module in resolved:
-            part = spec.make_part(path, module, model)
+            part = spec.make_part(path, module, model, device=device)
             part.spec_index = index
             for key in part.tensors:
                 if key in owner:

@@ -7,6 +7,10 @@ existing ``except ValueError`` code keeps working.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 
 class DeltaError(Exception):
     """Base class of every error deltahooks raises deliberately."""
@@ -30,3 +34,18 @@ class DeltaStateError(DeltaError, RuntimeError):
 
 class DeltaFileError(DeltaError, ValueError):
     """A delta file is missing, malformed, or does not fit the model."""
+
+
+class DeltaWarning(UserWarning):
+    """Something works but is probably not what was meant (e.g. a LoRA rank above full rank)."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn(message: str, category: type[Warning] = DeltaWarning) -> None:
+    """Warn with the location of the user's call, not of deltahooks' internals."""
+    frame, level = sys._getframe(1), 2  # level 1 is this function
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -20,6 +20,7 @@ from .merging import Merged, swap_out
 from .targets import Target, describe
 
 METHODS: dict[str, type[DeltaSpec]] = {}
+DeviceLike = torch.device | str | None
 
 
 def register_method(cls: type[DeltaSpec]) -> type[DeltaSpec]:
@@ -47,8 +48,15 @@ class DeltaSpec:
     def check_module(self, path: str, module: nn.Module) -> None:
         """Raise :class:`UnsupportedModuleError` when ``module`` cannot take this method."""
 
-    def make_part(self, path: str, module: nn.Module, root: nn.Module) -> Part:
-        """Build (without installing) the delta for one target module."""
+    def make_part(
+        self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
+    ) -> Part:
+        """Build (without installing) the delta for one target module.
+
+        ``device=None`` builds the tensors next to the module's own; ``device="meta"``
+        builds shapes only (no memory, no initialisation), which the loader uses to check
+        a file's claims before it allocates anything.
+        """
         raise NotImplementedError
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -187,6 +195,21 @@ def explain_failure(
     return err if err is not None else DeltaStateError(f"delta {delta_name!r} cannot run here")
 
 
+def is_number(value: object) -> bool:
+    """A real int or float (``True`` is an int to Python, never a hyperparameter here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_count(value: object) -> bool:
+    """A positive int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def check_probability(name: str, value: float) -> None:
-    if not (0.0 <= value < 1.0):
-        raise SpecError(f"{name}={value} must be in [0, 1); use 0 to switch it off")
+    if not is_number(value) or not (0.0 <= value < 1.0):
+        raise SpecError(f"{name}={value!r} must be a number in [0, 1); use 0 to switch it off")
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise SpecError(f"{name}={value!r} must be True or False")

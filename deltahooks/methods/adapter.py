@@ -18,7 +18,16 @@ from torch import nn
 
 from ..errors import SpecError, UnsupportedModuleError
 from ..ledger import Ledger
-from ..spec import DeltaSpec, Part, Switch, explain_failure, register_method
+from ..spec import (
+    DeltaSpec,
+    DeviceLike,
+    Part,
+    Switch,
+    explain_failure,
+    is_count,
+    is_number,
+    register_method,
+)
 from ..targets import is_conv1d_gpt2
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
@@ -62,11 +71,7 @@ class Adapter(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        if (
-            not isinstance(self.bottleneck, int)
-            or isinstance(self.bottleneck, bool)
-            or self.bottleneck <= 0
-        ):
+        if not is_count(self.bottleneck):
             raise SpecError(
                 f"Adapter bottleneck={self.bottleneck!r} must be a positive integer, e.g. 64"
             )
@@ -74,11 +79,9 @@ class Adapter(DeltaSpec):
             raise SpecError(
                 f"Adapter activation={self.activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}"
             )
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+        if not is_number(self.scale) or not math.isfinite(self.scale):
             raise SpecError(f"Adapter scale={self.scale!r} must be a finite number")
-        if self.hidden_size is not None and (
-            not isinstance(self.hidden_size, int) or self.hidden_size <= 0
-        ):
+        if self.hidden_size is not None and not is_count(self.hidden_size):
             raise SpecError(f"Adapter hidden_size={self.hidden_size!r} must be a positive integer")
         if self.init not in INITS:
             raise SpecError(f"Adapter init={self.init!r} is unknown; choose one of {list(INITS)}")
@@ -88,6 +91,12 @@ class Adapter(DeltaSpec):
 
     def check_module(self, path: str, module: nn.Module) -> None:
         width = self._width(module)
+        known = output_width(module)
+        if known is not None and width != known:
+            raise SpecError(
+                f"Adapter hidden_size={width} does not fit {path!r} ({type(module).__name__}), "
+                f"whose output is {known} wide; drop hidden_size=... (it is read from the module)"
+            )
         if width is None:
             raise UnsupportedModuleError(
                 f"Adapter cannot tell the output width of {path!r} ({type(module).__name__}); "
@@ -99,16 +108,21 @@ class Adapter(DeltaSpec):
                 f"{path!r}: a bottleneck must be narrower than its input; use bottleneck <= {width}"
             )
 
-    def make_part(self, path: str, module: nn.Module, root: nn.Module) -> AdapterPart:
+    def make_part(
+        self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
+    ) -> AdapterPart:
         width = self._width(module)
         weight = next(module.parameters(), None)
         like = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
+        if device is not None:
+            like["device"] = device
         down = torch.empty(self.bottleneck, width, **like)
         up = torch.zeros(width, self.bottleneck, **like)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-            if self.init == "random":
-                nn.init.normal_(up, std=1.0 / math.sqrt(self.bottleneck))
+        if device is None:  # a real build; a plan (device="meta") needs shapes only
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+                if self.init == "random":
+                    nn.init.normal_(up, std=1.0 / math.sqrt(self.bottleneck))
         tensors = {
             (path, "adapter_down"): (down, True),
             (path, "adapter_down_bias"): (torch.zeros(self.bottleneck, **like), True),

@@ -18,7 +18,7 @@ from ..errors import DeltaStateError, UnsupportedModuleError
 from ..ledger import Ledger, is_reserved, join
 from ..merging import swap_in
 from ..registry import registry_of
-from ..spec import DeltaSpec, Part, Switch, explain_failure, register_method
+from ..spec import DeltaSpec, DeviceLike, Part, Switch, explain_failure, register_method
 from .lora import raise_if_training_merged
 
 
@@ -44,7 +44,9 @@ class Full(DeltaSpec):
                 "it holds no parameters or persistent buffers; target a module that does"
             )
 
-    def make_part(self, path: str, module: nn.Module, root: nn.Module) -> FullPart:
+    def make_part(
+        self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
+    ) -> FullPart:
         registry = registry_of(root)
         tensors = {}
         for sub, attr, tensor, is_param in _owned(module):
@@ -54,7 +56,10 @@ class Full(DeltaSpec):
                     f"cannot copy {key!r} for Full: delta {registry.merge_stacks[key][-1]!r} is "
                     "merged into it, and the copy must start from the original; unmerge it first"
                 )
-            copy = tensor.detach().clone()
+            if device is None:
+                copy = tensor.detach().clone()
+            else:
+                copy = torch.empty_like(tensor, device=device)
             tensors[(join(path, sub), attr)] = (copy, is_param)
         return FullPart(path, tensors)
 

@@ -17,15 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from ..errors import DeltaStateError, SpecError, UnsupportedModuleError
+from ..errors import DeltaStateError, SpecError, UnsupportedModuleError, warn
 from ..ledger import Ledger
 from ..merging import swap_in
 from ..spec import (
     DeltaSpec,
+    DeviceLike,
     Part,
     Switch,
+    check_flag,
     check_probability,
     explain_failure,
+    is_count,
+    is_number,
     register_method,
 )
 from ..targets import first_match, is_conv1d_gpt2
@@ -86,12 +90,13 @@ class LoRA(DeltaSpec):
                     f"LoRA {name} must be a dict such as {{'down_proj': 4}}, got {pattern!r}"
                 )
         for where, rank in [("r", self.r), *self.rank_pattern.items()]:
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            if not is_count(rank):
                 raise SpecError(f"LoRA rank {where}={rank!r} must be a positive integer, e.g. r=8")
         for where, alpha in [("alpha", self.alpha), *self.alpha_pattern.items()]:
-            if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            if not is_number(alpha) or not math.isfinite(alpha) or alpha < 0:
                 raise SpecError(f"LoRA alpha {where}={alpha!r} must be a finite number >= 0")
         check_probability("LoRA dropout", self.dropout)
+        check_flag("LoRA rslora", self.rslora)
         if self.init not in INITS:
             raise SpecError(f"LoRA init={self.init!r} is unknown; choose one of {list(INITS)}")
         for name, pattern in (
@@ -115,26 +120,38 @@ class LoRA(DeltaSpec):
                 "supported; exclude it from targets"
             )
 
-    def make_part(self, path: str, module: nn.Module, root: nn.Module) -> LoRAPart:
+    def make_part(
+        self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
+    ) -> LoRAPart:
         rank = first_match(path, module, self.rank_pattern, root) or self.r
         alpha = first_match(path, module, self.alpha_pattern, root)
         alpha = self.alpha if alpha is None else alpha
         scale = alpha / math.sqrt(rank) if self.rslora else alpha / rank
         kind = _kind(module)
         weight = module.weight
-        like = {"device": weight.device, "dtype": weight.dtype}
+        like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
         if kind == "embedding":
-            num, dim = weight.shape
-            a = torch.empty(rank, num, **like)
-            b = torch.empty(dim, rank, **like)
+            fan_in, fan_out = weight.shape
+            a = torch.empty(rank, fan_in, **like)
+            b = torch.empty(fan_out, rank, **like)
         elif kind == "conv":
+            fan_out, fan_in = weight.shape[0], weight[0].numel()
             a = torch.empty(rank, weight.shape[1], *weight.shape[2:], **like)
             b = torch.empty(weight.shape[0], rank, *([1] * (weight.dim() - 2)), **like)
         else:
             fan_out, fan_in = weight.shape if kind == "linear" else weight.shape[::-1]
             a = torch.empty(rank, fan_in, **like)
             b = torch.empty(fan_out, rank, **like)
-        _initialise(a, b, self.init, kind, rank)
+        full_rank = min(fan_in, fan_out)
+        if device is None:  # a real build; a plan (device="meta") needs shapes only
+            if rank > full_rank:
+                warn(
+                    f"LoRA rank {rank} on {path!r} exceeds the full rank {full_rank} of its "
+                    f"{fan_out} x {fan_in} weight: the extra {rank - full_rank} directions add "
+                    f"parameters but no expressiveness; use r <= {full_rank} (or rank_pattern) "
+                    "for this layer"
+                )
+            _initialise(a, b, self.init, kind, rank)
         tensors = {(path, "lora_A"): (a, True), (path, "lora_B"): (b, True)}
         dropout = 0.0 if kind == "embedding" else self.dropout
         return LoRAPart(path, tensors, kind, scale, dropout)

@@ -12,7 +12,6 @@ import json
 import os
 import struct
 import tempfile
-from datetime import timedelta
 
 import torch
 from hypothesis import given, settings
@@ -118,7 +117,7 @@ def mutated_files(draw) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=2000, deadline=timedelta(seconds=10))
+@settings(max_examples=2000)
 @given(blob=mutated_files())
 def test_mutated_files_load_exactly_or_raise_our_error(blob):
     model = copy.deepcopy(PRISTINE)
