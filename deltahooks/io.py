@@ -19,6 +19,7 @@ import json
 import math
 import os
 import secrets
+import stat
 from typing import Any
 
 import torch
@@ -74,9 +75,12 @@ def save_delta(delta, path: str | os.PathLike) -> None:
     folder = os.path.dirname(os.path.abspath(target))
     temporary = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
     try:
-        # O_EXCL: never write through someone else's file; mode 0o666 & ~umask like open()
+        # O_EXCL: never write through someone else's file. The kernel applies the umask to
+        # 0o666 as open() does; safetensors writes a file of its own (0600), so copy the mode.
         os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(os.stat(temporary).st_mode)
         save_file(tensors, temporary, metadata=metadata)
+        os.chmod(temporary, mode)
         os.replace(temporary, target)
     except (OSError, SafetensorError) as err:
         with contextlib.suppress(OSError):

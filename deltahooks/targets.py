@@ -10,6 +10,7 @@ Every method shares this one grammar, so "where a delta goes" never depends on
 - ``"re:<regex>"``: the regex must match the whole path;
 - ``"all-linear"``: every ``nn.Linear`` / transformers ``Conv1D`` except the output head;
 - an ``nn.Module`` subclass (``isinstance``);
+- an ``nn.Module`` object: exactly that submodule (by identity);
 - a callable ``(path, module) -> bool``;
 - :class:`Paths`: exact module paths (what a saved file records);
 - a list or tuple of the above (their union).
@@ -46,7 +47,7 @@ class Paths(tuple):
         return f"Paths({list(self)!r})"
 
 
-Target = str | type | Callable[[str, nn.Module], bool] | Paths | list | tuple
+Target = str | type | nn.Module | Callable[[str, nn.Module], bool] | Paths | list | tuple
 
 
 def is_conv1d_gpt2(module: nn.Module) -> bool:
@@ -89,6 +90,8 @@ def _entry_matcher(entry, model: nn.Module) -> Callable[[str, nn.Module], bool]:
     if isinstance(entry, Paths):
         wanted = frozenset(entry)
         return lambda path, module: path in wanted
+    if isinstance(entry, nn.Module):  # before `callable`: modules are callable too
+        return lambda path, module: module is entry
     if isinstance(entry, type):
         if not issubclass(entry, nn.Module):
             raise TargetError(
@@ -122,7 +125,7 @@ def _entry_matcher(entry, model: nn.Module) -> Callable[[str, nn.Module], bool]:
         return lambda path, module: bool(entry(path, module))
     raise TargetError(
         f"cannot use {entry!r} as a target; use a name suffix, 're:<regex>', a glob, "
-        "'all-linear', an nn.Module subclass or a callable (path, module) -> bool"
+        "'all-linear', an nn.Module subclass or object, or a callable (path, module) -> bool"
     )
 
 
@@ -136,6 +139,8 @@ def describe(targets: Target) -> object:
         return targets
     if isinstance(targets, type):
         return f"type:{targets.__module__}.{targets.__qualname__}"
+    if isinstance(targets, nn.Module):
+        return f"module:{type(targets).__name__}"
     return f"callable:{getattr(targets, '__qualname__', repr(targets))}"
 
 
@@ -157,11 +162,29 @@ def _closest(entry, model: nn.Module, limit: int = 5) -> list[str]:
     return found[:limit] or paths[:limit]
 
 
+KEYWORDS = (ALL_LINEAR,)
+
+
+def _did_you_mean(entry) -> str:
+    """A hint when a string looks like a misspelt keyword ('all_linear', 'All-Linear')."""
+    if not isinstance(entry, str):
+        return ""
+    folded = entry.lower().replace("_", "-").replace(" ", "-")
+    near = difflib.get_close_matches(folded, KEYWORDS, n=1, cutoff=0.8)
+    return f" Did you mean {near[0]!r}?" if near else ""
+
+
 def _no_match_error(entry, model: nn.Module, what: str) -> TargetError:
+    if isinstance(entry, nn.Module):
+        return TargetError(
+            f"{what} {type(entry).__name__} object is not a submodule of {type(model).__name__}; "
+            "pass a module of this model (e.g. model.layers[0].q_proj) or a name pattern"
+        )
     near = _closest(entry, model)
     leaves = sorted({p.rsplit(".", 1)[-1] for p, _ in model.named_modules() if p})
     return TargetError(
-        f"{what} {describe(entry)!r} matches no module of {type(model).__name__}. "
+        f"{what} {describe(entry)!r} matches no module of {type(model).__name__}."
+        f"{_did_you_mean(entry)} "
         f"Closest module paths: {near}. Module names in this model: {leaves[:30]}"
         f"{' ...' if len(leaves) > 30 else ''}. Fix the pattern (a name suffix matches on a "
         "'.' boundary; use 're:' for a regex)."

@@ -79,6 +79,55 @@ def fresh():
 # (case, setup -> (model, delta), action(model, delta), error type, message pattern)
 CASES = [
     (
+        "a spec class instead of a spec",
+        fresh,
+        lambda m, d: dh.attach(m, dh.LoRA),
+        dh.SpecError,
+        r"class dh.LoRA, not a spec.*dh.LoRA\(targets=",
+    ),
+    (
+        "a spec class inside a list",
+        fresh,
+        lambda m, d: dh.attach(m, [dh.LoRA(targets=["1"]), dh.Full]),
+        dh.SpecError,
+        r"dh.Full\(targets=",
+    ),
+    (
+        "a misspelt keyword target",
+        fresh,
+        lambda m, d: attach("all_linear")(m),
+        dh.TargetError,
+        "Did you mean 'all-linear'",
+    ),
+    (
+        "a module object from another model",
+        fresh,
+        lambda m, d: attach(nn.Linear(4, 8))(m),
+        dh.TargetError,
+        "not a submodule",
+    ),
+    (
+        "a bool where a rank belongs",
+        fresh,
+        lambda m, d: attach(["1"], r=True)(m),
+        dh.SpecError,
+        "positive integer",
+    ),
+    (
+        "a string where a dropout belongs",
+        fresh,
+        lambda m, d: attach(["1"], dropout="0.1")(m),
+        dh.SpecError,
+        r"number in \[0, 1\)",
+    ),
+    (
+        "an Adapter hidden_size that contradicts the module",
+        fresh,
+        lambda m, d: dh.attach(m, dh.Adapter(targets=["1"], bottleneck=2, hidden_size=16)),
+        dh.SpecError,
+        "output is 8 wide",
+    ),
+    (
         "target matches nothing",
         fresh,
         lambda m, d: attach(["lin"])(m),

@@ -55,6 +55,26 @@ def test_list_is_union_in_module_order():
     ]
 
 
+def test_module_objects_target_exactly_those_modules():
+    model = Tiny()
+    block = model.layers[1]
+    assert paths(model, block.self_attn.k_proj) == ["layers.1.self_attn.k_proj"]
+    assert paths(model, [block.mlp[2], model.layers[0].self_attn.q_proj]) == [
+        "layers.0.self_attn.q_proj",
+        "layers.1.mlp.2",
+    ]
+    assert paths(model, block.mlp) == ["layers.1.mlp"]  # the container itself, not its children
+    assert paths(model, nn.Linear, exclude=[model.lm_head, "layers.1.*"]) == paths(
+        model, "re:layers\\.0\\..*(proj|mlp\\.[02])"
+    )
+    delta = dh.attach(model, dh.LoRA(targets=[block.self_attn.q_proj], r=2, init="random"))
+    assert delta.paths == ["layers.1.self_attn.q_proj"]
+    x = torch.randn(1, 4)
+    with delta.disabled():
+        base = block.self_attn.q_proj(x)
+    assert not torch.equal(block.self_attn.q_proj(x), base)
+
+
 def test_glob_regex_type_callable_and_paths():
     model = Tiny()
     assert paths(model, "layers.*.mlp.*") == [

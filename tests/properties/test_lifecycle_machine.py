@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import settings
@@ -28,7 +29,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from model_checks import assert_restored, snapshot
+from model_checks import assert_outputs_equal, assert_restored, snapshot
 from strategies import adaptable_paths, build
 from strategies import blueprint as blueprints
 from torch import nn
@@ -94,6 +95,22 @@ def lora_update(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return (b.flatten(1) @ a.flatten(1)).view(module.weight.shape)
     return (b @ a).T  # transformers Conv1D stores (fan_in, fan_out)
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> None:
+    """``got`` ≈ ``want`` relative to want's size; NaN and ±Inf must sit at the same places.
+
+    Both sides diverging the same way is agreement; a NaN or Inf on one side only is not.
+    """
+    got, want = got.double(), want.double()
+    assert torch.equal(got.isnan(), want.isnan()), "NaN on one side only"
+    infinite = got.isinf() | want.isinf()
+    assert torch.equal(got[infinite], want[infinite]), "Inf on one side only, or of other sign"
+    finite = got.isfinite() & want.isfinite()
+    if finite.any():
+        scale = 1 + want[finite].abs().max().item()
+        diff = (got[finite] - want[finite]).abs().max().item()
+        assert diff <= tolerance * scale, f"output differs from reference by {diff}"
 
 
 class Lifecycle(RuleBasedStateMachine):
@@ -180,10 +197,7 @@ class Lifecycle(RuleBasedStateMachine):
         return run(ref, self.x)
 
     def assert_close_to_reference(self, got: torch.Tensor, deltas) -> None:
-        want = self.reference(deltas)
-        scale = 1 + want.double().abs().max().item()
-        diff = (got.double() - want.double()).abs().nan_to_num(0.0).max().item()
-        assert diff <= TOLERANCE[self.dtype] * scale, f"output differs from reference by {diff}"
+        assert_matches(got, self.reference(deltas), TOLERANCE[self.dtype])
 
     def unchanged_by(self, action, *errors):
         """Run an action that may fail; if it fails, the model must be exactly as before."""
@@ -193,7 +207,7 @@ class Lifecycle(RuleBasedStateMachine):
             action()
         except errors:
             assert_restored(self.model, before)
-            assert torch.equal(run(self.model, self.x).nan_to_num(), output.nan_to_num())
+            assert_outputs_equal(run(self.model, self.x), output)
             return False
         return True
 
@@ -286,6 +300,7 @@ class Lifecycle(RuleBasedStateMachine):
             if not out.requires_grad:
                 return  # every delta is disabled: nothing to train
             out.double().pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # keep training finite
             torch.optim.SGD(params, lr=0.01).step()
             assert not merged or not any(
                 d.merged and d.enabled for d in self.attached().values()
@@ -308,12 +323,7 @@ class Lifecycle(RuleBasedStateMachine):
         assert list(loaded.state_dict()) == list(delta.state_dict())
         ref_specs = {delta.name: loaded}
         self.specs.setdefault(delta.name, self.specs[delta.name])
-        got = run(fresh, self.x)
-        want = self.reference(ref_specs)
-        scale = 1 + want.double().abs().max().item()
-        assert (got.double() - want.double()).abs().nan_to_num(0.0).max().item() <= TOLERANCE[
-            self.dtype
-        ] * scale
+        assert_matches(run(fresh, self.x), self.reference(ref_specs), TOLERANCE[self.dtype])
 
     @rule()
     def dtype_round_trip(self):
@@ -330,7 +340,7 @@ class Lifecycle(RuleBasedStateMachine):
     def state_dict_round_trip(self):
         before = run(self.model, self.x)
         self.model.load_state_dict(self.model.state_dict())
-        assert torch.equal(run(self.model, self.x).nan_to_num(), before.nan_to_num())
+        assert_outputs_equal(run(self.model, self.x), before)
 
     @rule(which=st.sampled_from(["bad target", "bad module", "detached", "merge in training"]))
     def failing_operation(self, which):
@@ -383,3 +393,24 @@ Lifecycle.TestCase.settings = settings(
     settings.default, stateful_step_count=12, max_examples=settings.default.max_examples * 5
 )
 TestLifecycle = Lifecycle.TestCase
+
+
+@pytest.mark.parametrize(
+    "got, want, agrees",
+    [
+        ([1.0, float("nan")], [1.0, float("nan")], True),  # both diverged the same way
+        ([1.0, float("inf")], [1.0, float("inf")], True),
+        ([1.0, float("nan")], [1.0, 2.0], False),  # a NaN on one side only
+        ([1.0, 2.0], [1.0, float("nan")], False),
+        ([1.0, float("inf")], [1.0, float("-inf")], False),
+        ([1.0, 5.0], [1.0, 2.0], False),
+        ([float("nan")] * 2, [float("nan")] * 2, True),
+    ],
+)
+def test_the_reference_comparison_is_nan_aware(got, want, agrees):
+    """The invariant above must not pass by comparing NaN to anything (0 <= tol * nan)."""
+    if agrees:
+        assert_matches(torch.tensor(got), torch.tensor(want), 1e-3)
+    else:
+        with pytest.raises(AssertionError):
+            assert_matches(torch.tensor(got), torch.tensor(want), 1e-3)
