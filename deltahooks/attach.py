@@ -87,9 +87,75 @@ def attach(
 ) -> Delta:
     """Attach a delta to ``model`` through hooks; returns the :class:`Delta`.
 
-    ``spec`` is one method spec or a list of them (one Delta, several parts). With
-    ``freeze_base`` (default) every base parameter gets ``requires_grad=False`` until
-    the last such delta is detached, which restores each original flag.
+    The base weights are not changed: each delta tensor is registered on the module it
+    adapts (so it is in ``model.parameters()`` and moves with ``model.to()``), and
+    ``delta.detach()`` gives back exactly the model you had. Attach is all-or-nothing:
+    every target is resolved and checked first, and any error leaves the model as it
+    was.
+
+    Args:
+        model: the model (any ``nn.Module``). Attach every delta of one model with the
+            same root module.
+        spec: a method spec such as ``dh.LoRA(targets=["q_proj", "v_proj"], r=8)``,
+            ``dh.Adapter(...)`` or ``dh.Full(...)``, or a list of specs: one Delta with
+            several parts, e.g. ``[dh.LoRA(targets="all-linear"),
+            dh.Full(targets=["classifier"])]``. Two parts of one delta must not add the
+            same tensor to one module.
+        name: the delta's name, an identifier (letters, digits and ``_``, starting with
+            a letter); default ``"default"``. Several deltas may sit on one model under
+            different names (``dh.deltas(model)`` lists them); a name that is already
+            attached is an error.
+        freeze_base: when true (default), every base parameter gets
+            ``requires_grad=False``, so an optimizer over ``model.parameters()`` trains
+            only delta tensors; the original flags come back when the last freezing
+            delta is detached, in whatever order they are detached. Pass ``False`` to
+            keep training base parameters too.
+
+    Targets: every spec's ``targets=`` (and ``exclude=``) takes any of these forms,
+    matched against the paths of ``model.named_modules()``:
+
+    - a name suffix on a ``.`` boundary: ``"q_proj"`` matches
+      ``model.layers.3.self_attn.q_proj``; a full path matches itself;
+    - a glob (contains ``*``, ``?`` or ``[``), also suffix-anchored:
+      ``"layers.*.mlp.*"`` matches ``model.layers.0.mlp.up_proj``;
+    - a regex after ``"re:"``, which must match the whole path:
+      ``"re:.*(q|v)_proj"``;
+    - ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output head
+      (``model.get_output_embeddings()`` when the model has it, else the last linear
+      layer);
+    - a module class, matched with ``isinstance``: ``torch.nn.Linear``;
+    - a module object, or a list of module objects: exactly those modules, e.g.
+      ``model.classifier`` or ``[model.layers[0].mlp, model.layers[1].mlp]``;
+    - a callable ``(path, module) -> bool``:
+      ``lambda path, module: path.startswith("encoder.")``;
+    - ``dh.Paths([...])``: exact module paths, with no suffix or pattern logic;
+    - a list (or tuple) of any of these: their union. Every entry must match at least
+      one module.
+
+    ``exclude=`` takes the same forms and removes what it matches from the selection;
+    each of its entries must match some module too, and it must leave at least one.
+
+    Raises:
+        deltahooks.TargetError: a target or exclude entry matches no module (the
+            message lists the closest module paths), an exclude removes every target,
+            or a pattern is malformed (an invalid ``"re:"`` regex, an empty string, a
+            class that is not an ``nn.Module``).
+        deltahooks.SpecError: invalid hyperparameters (raised when the spec is
+            created, e.g. ``dh.LoRA(targets="q_proj", r=0)``, or at attach when they do
+            not fit a module, e.g. an Adapter bottleneck wider than the module's
+            output); a spec class instead of an instance (``dh.LoRA`` instead of
+            ``dh.LoRA(targets=...)``) or an empty spec list; a ``name`` that is not an
+            identifier; two parts of one delta adding the same tensor to one module.
+        deltahooks.UnsupportedModuleError: the method cannot adapt a target's module
+            type (LoRA on a LayerNorm or a grouped convolution, an Adapter on a module
+            whose output width is unknown and no ``hidden_size``, Full on a module
+            without parameters); narrow the targets with ``exclude=``.
+        deltahooks.DeltaStateError: a delta with this ``name`` is already attached;
+            the model's deltas would have nested roots (a submodule already carries
+            deltas attached with it as the root); a Full target another delta already
+            trains in full or has merged into.
+
+        Every one of these derives from :class:`deltahooks.DeltaError`.
 
     Example:
         >>> import torch, deltahooks as dh
@@ -97,6 +163,10 @@ def attach(
         >>> delta = dh.attach(model, [dh.LoRA(targets=["0"], r=2), dh.Full(targets=["1"])])
         >>> [n for n, p in model.named_parameters() if p.requires_grad]
         ['0.dh__default__lora_A', '0.dh__default__lora_B', '1.dh__default__weight', '1.dh__default__bias']
+        >>> dh.attach(model, dh.LoRA(targets=["q_proj"]), name="other")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        deltahooks.errors.TargetError: target 'q_proj' matches no module of Sequential...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")

@@ -339,13 +339,21 @@ def _check_finite(where: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def describe_file(path: str | os.PathLike) -> str:
-    """A short human-readable description of a delta file (for ``deltahooks info``)."""
+    """A human-readable description of a delta file and the module paths of each part.
+
+    Used by ``deltahooks info``; lists at most 20 paths per part.
+    """
     header = read_header(path)
     size = os.path.getsize(path)
     count = sum(math.prod(shape) for shape in header["shapes"].values())
     lines = [f"{os.fspath(path)}: delta {header.get('name')!r}, {count:,} values, {size:,} bytes"]
+    shown = 20
     for part in header["parts"]:
-        lines.append(
-            f"  {part['method']} {part['hyperparameters']} on {len(part['paths'])} modules"
-        )
+        paths = part["paths"]
+        settings = [f"{key}={value!r}" for key, value in part["hyperparameters"].items()]
+        noun = "module" if len(paths) == 1 else "modules"
+        lines.append(f"  {' '.join([part['method'], *settings])} on {len(paths)} {noun}:")
+        lines.extend(f"    {p or '<root>'}" for p in paths[:shown])
+        if len(paths) > shown:
+            lines.append(f"    … and {len(paths) - shown} more")
     return "\n".join(lines)

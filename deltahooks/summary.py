@@ -37,33 +37,54 @@ def _tree(rows: list[tuple[str, str]]) -> list[str]:
 def summary(model: nn.Module) -> str:
     """A tree of the modules that carry deltas, the method on each, and parameter counts.
 
+    ``trainable`` counts what a training step can update: parameters with
+    ``requires_grad``, except those of merged deltas (a merged delta is part of the
+    weights and refuses a training forward until it is unmerged).
+
     Example:
         >>> import torch, deltahooks as dh
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-        >>> _ = dh.attach(model, dh.LoRA(targets=["0"], r=2))
+        >>> delta = dh.attach(model, dh.LoRA(targets=["0"], r=2))
         >>> print(dh.summary(model))  # doctest: +NORMALIZE_WHITESPACE
         delta 'default' (enabled, unmerged)
           0  lora  32 params
         trainable: 32 of 104 parameters (30.769%)
         base: 72 parameters, delta: 32
+        >>> _ = model.eval()  # merge needs eval mode
+        >>> delta.merge()
+        >>> print(dh.summary(model))  # doctest: +NORMALIZE_WHITESPACE
+        delta 'default' (enabled, merged)
+          0  lora  32 params (merged into the weights)
+        trainable: 0 of 104 parameters (0.000%)
+        merged: 32 delta parameters folded into the weights (unmerge to train)
+        base: 72 parameters, delta: 32
     """
     lines = []
+    merged: dict[int, int] = {}  # id -> numel of every parameter of a merged delta
     for name, delta in deltas(model).items():
         state = ("enabled" if delta.enabled else "disabled") + (
             ", merged" if delta.merged else ", unmerged"
         )
         lines.append(f"delta {name!r} ({state})")
+        if delta.merged:
+            merged.update((id(p), p.numel()) for p in delta.parameters())
+        note = " (merged into the weights)" if delta.merged else ""
         rows = []
         for part in delta._parts:
             method = delta.specs[part.spec_index].method
             count = sum(delta._ledger.tensor(e).numel() for e in part.entries if e.saved)
-            rows.append((part.path or "<root>", f"{method}  {count:,} params"))
+            rows.append((part.path or "<root>", f"{method}  {count:,} params{note}"))
         lines.extend(_tree(rows))
     params = list(model.named_parameters())
     total = sum(p.numel() for _, p in params)
-    trainable = sum(p.numel() for _, p in params if p.requires_grad)
+    trainable = sum(p.numel() for _, p in params if p.requires_grad and id(p) not in merged)
     delta_count = sum(p.numel() for n, p in params if is_reserved(n))
     share = 100.0 * trainable / total if total else 0.0
     lines.append(f"trainable: {trainable:,} of {total:,} parameters ({share:.3f}%)")
+    if merged:
+        lines.append(
+            f"merged: {sum(merged.values()):,} delta parameters folded into the weights "
+            "(unmerge to train)"
+        )
     lines.append(f"base: {total - delta_count:,} parameters, delta: {delta_count:,}")
     return "\n".join(lines)

@@ -52,8 +52,48 @@ def output_width(module: nn.Module) -> int | None:
 class Adapter(DeltaSpec):
     """A bottleneck MLP added to a module's output (sequential adapter).
 
-    ``hidden_size`` is needed only for modules whose output width their type does not
-    tell (Linear, GPT-2 Conv1D, Embedding and LayerNorm do).
+    The bottleneck adapter of Houlsby et al., 2019 ("Parameter-Efficient Transfer
+    Learning for NLP"): each target's output ``y`` (a ``(..., hidden)`` tensor) becomes
+    ``y + scale · up(act(down(y)))``, where ``down`` (hidden → bottleneck) and ``up``
+    (bottleneck → hidden) are linear layers with biases. Houlsby et al. put one after
+    the attention output projection and one after the feed-forward block of every
+    layer; in a BERT-style model ``targets=["output.dense"]`` selects both. PEFT has no
+    such adapter; AdapterHub calls it a sequential bottleneck adapter. The update is
+    non-linear, so ``delta.merge()`` raises ``NotImplementedError``. Every argument is
+    keyword-only and checked when the spec is created: a bad value raises
+    :class:`deltahooks.SpecError` at once, before any model is touched.
+
+    Args:
+        targets: the modules whose output gets an adapter, in the target syntax of
+            :func:`deltahooks.attach` (name suffix, glob, ``"re:"`` regex,
+            ``"all-linear"``, module class, callable, ``dh.Paths``, or a list of these).
+            Required. The module must return a tensor whose last dimension is the
+            hidden size (a module returning a tuple raises
+            :class:`deltahooks.UnsupportedModuleError` at its first forward).
+        exclude: modules to leave out of ``targets``, same syntax. Default ``None``.
+        bottleneck: the width of the bottleneck (Houlsby's ``m``), a positive integer no
+            larger than the target's hidden size (a wider one raises
+            :class:`deltahooks.SpecError` at attach). Default ``64``. AdapterHub sets it
+            through ``reduction_factor = hidden / bottleneck``. The delta has about
+            ``2 · hidden · bottleneck`` parameters per target.
+        activation: the non-linearity between ``down`` and ``up``: ``"relu"``,
+            ``"gelu"``, ``"tanh"`` or ``"silu"``. Default ``"relu"``. AdapterHub:
+            ``non_linearity``.
+        scale: a finite number that multiplies the adapter's output before it is added
+            to ``y``. Default ``1.0``. AdapterHub: ``scaling``.
+        hidden_size: the size of the target output's last dimension, a positive
+            integer. Default ``None``: read from the module (``out_features`` of
+            ``nn.Linear``, ``nf`` of GPT-2 ``Conv1D``, ``embedding_dim`` of
+            ``nn.Embedding``, the last of ``normalized_shape`` of ``nn.LayerNorm``).
+            Needed for any other module (a whole attention block, an MLP, a custom
+            module), which otherwise raises :class:`deltahooks.UnsupportedModuleError`
+            at attach; when given, it is used for every target.
+        init: how the adapter starts. ``"default"``: ``down`` Kaiming-uniform, ``up`` and
+            both biases zero, so the adapter adds exactly zero and the model's outputs
+            are unchanged at attach (Houlsby's near-identity start). ``"random"``:
+            ``up`` starts normal instead of zero, so the outputs change from the start;
+            meant for tests.
+            Default ``"default"``.
 
     Example:
         >>> import torch, deltahooks as dh
@@ -61,6 +101,11 @@ class Adapter(DeltaSpec):
         >>> delta = dh.attach(model, dh.Adapter(targets=["0"], bottleneck=2))
         >>> sorted(delta.state_dict())
         ['0.adapter_down', '0.adapter_down_bias', '0.adapter_up', '0.adapter_up_bias']
+        >>> x = torch.randn(3, 8)
+        >>> with delta.disabled():
+        ...     base = model(x)
+        >>> torch.equal(model(x), base)  # "default" init: unchanged at attach
+        True
     """
 
     method = "adapter"

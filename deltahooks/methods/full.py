@@ -27,12 +27,34 @@ from .lora import raise_if_training_merged
 class Full(DeltaSpec):
     """Train whole modules: every parameter (and persistent buffer) of each target.
 
+    What PEFT calls ``modules_to_save`` (OpenDelta: ``unfrozen_modules``): typically a
+    new task head, such as a classifier, trained in full next to a LoRA. The delta
+    holds trainable copies of every parameter and persistent buffer of each target and
+    its submodules (a BatchNorm's running statistics included); the module's forward
+    uses the copies, ``delta.save()`` stores them (so the file is as large as those
+    modules), and ``detach()`` gives back the untouched originals. ``delta.merge()``
+    writes the copies into the module's own tensors, keeping the originals for
+    ``unmerge()``. Full has no hyperparameters; its arguments are keyword-only.
+
+    Args:
+        targets: the modules to train in full, in the target syntax of
+            :func:`deltahooks.attach` (name suffix such as ``"classifier"``, glob,
+            ``"re:"`` regex, ``"all-linear"``, module class, callable, ``dh.Paths``, or a
+            list of these). Required. PEFT: ``modules_to_save``. A module with no
+            parameter or persistent buffer raises
+            :class:`deltahooks.UnsupportedModuleError` at attach; a module another
+            attached delta already trains in full raises
+            :class:`deltahooks.DeltaStateError`.
+        exclude: modules to leave out of ``targets``, same syntax. Default ``None``.
+
     Example:
-        >>> import deltahooks as dh
+        >>> import torch, deltahooks as dh
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         >>> delta = dh.attach(model, dh.Full(targets=["1"]))
         >>> sorted(delta.state_dict())
         ['1.bias', '1.weight']
+        >>> [name for name, p in model.named_parameters() if p.requires_grad]
+        ['1.dh__default__weight', '1.dh__default__bias']
     """
 
     method = "full"

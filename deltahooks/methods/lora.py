@@ -63,12 +63,63 @@ def raise_if_training_merged(switch: Switch, module: nn.Module) -> None:
 class LoRA(DeltaSpec):
     """Low-rank update of Linear, GPT-2 Conv1D, Embedding and Conv1d/2d/3d (groups=1) layers.
 
+    LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models") adds
+    ``s · B(A(dropout(x)))`` to each target's output, with ``A`` (r × fan-in) and ``B``
+    (fan-out × r) trained and the layer's own weight frozen; ``s = alpha / r``. The
+    defaults are PEFT's ``LoraConfig`` defaults, and a saved delta uses PEFT's tensor
+    layouts. ``delta.merge()`` folds ``s · BA`` into the weight. Every argument is
+    keyword-only and checked when the spec is created: a bad value raises
+    :class:`deltahooks.SpecError` at once, before any model is touched.
+
+    Args:
+        targets: which modules get an update, in the target syntax of
+            :func:`deltahooks.attach` (name suffix such as ``"q_proj"``, glob, ``"re:"``
+            regex, ``"all-linear"``, module class, callable, ``dh.Paths``, or a list of
+            these). Required. PEFT: ``target_modules``. Each target must be an
+            ``nn.Linear``, transformers' GPT-2 ``Conv1D``, ``nn.Embedding`` or
+            ``nn.Conv1d/2d/3d`` with ``groups=1``; any other module raises
+            :class:`deltahooks.UnsupportedModuleError` at attach.
+        exclude: modules to leave out of ``targets``, same syntax. Default ``None``.
+            PEFT: ``exclude_modules``.
+        r: the rank of the update, a positive integer. Default ``8``. Paper: ``r``;
+            PEFT: ``r``. The delta has ``r · (fan_in + fan_out)`` parameters per layer.
+        alpha: the scale numerator: the update is multiplied by ``alpha / r`` (or
+            ``alpha / √r`` with ``rslora``). A finite number ``>= 0``. Default ``8.0``
+            (scale 1 at ``r=8``). Paper: ``α``; PEFT: ``lora_alpha``. When you change
+            ``r``, keep ``alpha`` proportional (e.g. ``alpha = 2 · r``) to keep the
+            update's size.
+        dropout: dropout probability on the update's input ``x`` (the layer's own
+            input is untouched), in ``[0, 1)``, active only in training mode; ignored for
+            ``nn.Embedding``, whose input is token ids. Default ``0.0``. PEFT:
+            ``lora_dropout``.
+        rslora: scale by ``alpha / √r`` instead of ``alpha / r`` (rank-stabilised LoRA,
+            Kalajdzievski 2023), which keeps learning stable at large ranks. Default
+            ``False``. PEFT: ``use_rslora``.
+        init: how ``A`` and ``B`` start. ``"default"`` (PEFT
+            ``init_lora_weights=True``): ``A`` Kaiming-uniform and ``B`` zero, so the
+            model's outputs are unchanged at attach (for ``nn.Embedding`` the roles swap:
+            ``A`` zero, ``B`` standard normal, as PEFT does). ``"gaussian"`` (PEFT
+            ``init_lora_weights="gaussian"``): ``A`` normal with standard deviation
+            ``1/r``, ``B`` zero (roles swapped for embeddings): also unchanged at attach.
+            ``"random"``: both factors non-zero, so the delta changes the outputs from
+            the start; meant for tests (roughly PEFT ``init_lora_weights=False``).
+            Default ``"default"``.
+        rank_pattern: per-target rank overrides, ``{pattern: rank}``, e.g.
+            ``{"down_proj": 4}``. Keys use the target syntax (suffix, glob, ``"re:"``,
+            ...); for each target the first key that matches it wins, and targets no
+            key matches use ``r``. Values are positive integers. Default ``{}``. PEFT:
+            ``rank_pattern``.
+        alpha_pattern: per-target ``alpha`` overrides, ``{pattern: alpha}``, matched
+            like ``rank_pattern``; values are finite numbers ``>= 0``. Default ``{}``.
+            PEFT: ``alpha_pattern``.
+
     Example:
-        >>> import deltahooks as dh
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-        >>> delta = dh.attach(model, dh.LoRA(targets=["0"], r=2, alpha=4))
-        >>> sorted(delta.state_dict())
-        ['0.lora_A', '0.lora_B']
+        >>> import torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> spec = dh.LoRA(targets=torch.nn.Linear, r=2, alpha=4, rank_pattern={"1": 1})
+        >>> delta = dh.attach(model, spec)
+        >>> {key: tuple(t.shape) for key, t in delta.state_dict().items()}
+        {'0.lora_A': (2, 4), '0.lora_B': (4, 2), '1.lora_A': (1, 4), '1.lora_B': (4, 1)}
     """
 
     method = "lora"
