@@ -37,7 +37,7 @@ class Delta(nn.Module):
     """Delta tensors attached to a model by :func:`deltahooks.attach`.
 
     Example:
-        >>> import deltahooks as dh
+        >>> import torch, deltahooks as dh
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> delta = dh.attach(model, dh.LoRA(targets=["0"], r=2))
         >>> with delta.disabled():

@@ -108,6 +108,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
     Example:
         >>> import os, tempfile, torch, deltahooks as dh
+        >>> from deltahooks.io import read_header
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
         >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
@@ -345,7 +346,7 @@ def describe_file(path: str | os.PathLike) -> str:
     """
     header = read_header(path)
     size = os.path.getsize(path)
-    count = sum(math.prod(shape) for shape in header["shapes"].values())
+    count = sum(math.prod(shape) for shape, _ in _stored_layout(os.fspath(path)).values())
     lines = [f"{os.fspath(path)}: delta {header.get('name')!r}, {count:,} values, {size:,} bytes"]
     shown = 20
     for part in header["parts"]:
@@ -355,5 +356,5 @@ def describe_file(path: str | os.PathLike) -> str:
         lines.append(f"  {' '.join([part['method'], *settings])} on {len(paths)} {noun}:")
         lines.extend(f"    {p or '<root>'}" for p in paths[:shown])
         if len(paths) > shown:
-            lines.append(f"    … and {len(paths) - shown} more")
+            lines.append(f"    ... and {len(paths) - shown} more")
     return "\n".join(lines)

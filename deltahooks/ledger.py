@@ -73,6 +73,9 @@ class Ledger:
     """Registers delta state on a model and undoes it exactly, in reverse order.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deltahooks.ledger import Ledger
         >>> model = nn.Sequential(nn.Linear(2, 2))
         >>> ledger = Ledger(model, "default")
         >>> _ = ledger.add_tensor("0", "scale", torch.ones(2))

@@ -36,6 +36,7 @@ class Paths(tuple):
     """Exact module paths, e.g. ``Paths(["layers.0.q_proj"])``: no suffix or pattern logic.
 
     Example:
+        >>> from deltahooks import Paths
         >>> Paths(["encoder.layer.0.attention.self.query"])
         Paths(['encoder.layer.0.attention.self.query'])
     """
@@ -200,6 +201,8 @@ def resolve_targets(
     entry of ``exclude``; a selection that ``exclude`` empties is an error too.
 
     Example:
+        >>> from torch import nn
+        >>> from deltahooks import resolve_targets
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
         >>> [p for p, _ in resolve_targets(model, nn.Linear, exclude="2")]
         ['0']
