@@ -63,6 +63,13 @@ def test_a_directory_is_not_a_delta(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "info", str(tmp_path)))
 
 
+def test_a_peft_directory_points_to_load_peft(capsys, tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    status, out, err = run(capsys, "info", str(tmp_path))
+    assert_one_line_error(status, out, err)
+    assert "dh.load_peft" in err
+
+
 def test_a_safetensors_file_without_delta_metadata_is_refused(capsys, tmp_path):
     from safetensors.torch import save_file
 
