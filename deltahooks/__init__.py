@@ -18,11 +18,13 @@ from .errors import (
     SpecError,
     TargetError,
     UnsupportedModuleError,
+    UnsupportedOperationError,
 )
 from .interop.peft import load_peft
-from .io import load_delta as load
+from .loading import load
 from .methods import Adapter, Full, LoRA
-from .spec import DeltaSpec
+from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
+from .spec import DeltaSpec, Part, register_method
 from .summary import summary
 from .targets import Paths, resolve_targets
 
@@ -37,16 +39,24 @@ __all__ = [
     "DeltaStateError",
     "DeltaWarning",
     "Full",
+    "InputSite",
     "LoRA",
+    "OutputSite",
+    "Part",
     "Paths",
+    "RedirectSite",
+    "RootCallSite",
     "SpecError",
     "TargetError",
     "UnsupportedModuleError",
+    "UnsupportedOperationError",
+    "WeightSite",
     "attach",
     "deltas",
     "detach",
     "load",
     "load_peft",
+    "register_method",
     "resolve_targets",
     "summary",
 ]

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .delta import Delta
+from .delta import Delta, teardown
 from .errors import DeltaStateError, SpecError
-from .ledger import Ledger
-from .registry import close_registry_if_empty, open_registry, registries_under
-from .spec import DeltaSpec, DeviceLike, Part, Switch
+from .ledger import Ledger, join
+from .registry import open_registry, registries_under
+from .sites import Switch
+from .spec import DeltaSpec, DeviceLike, Part
 from .targets import resolve_targets
 
 DEFAULT_NAME = "default"
@@ -51,31 +54,54 @@ def _is_spec_class(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, DeltaSpec)
 
 
-def plan_parts(
-    model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike = None
-) -> list[Part]:
+@dataclass
+class Plan:
+    """Everything an attach will install, built before the model is touched."""
+
+    parts: list[Part]
+    shared: list[dict[str, torch.Tensor]]  # per spec: shared tensors, stored on the root
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``{delta state_dict key: planned tensor}``."""
+        planned = {local: value for shared in self.shared for local, value in shared.items()}
+        for part in self.parts:
+            for (owner, local), (value, _) in part.tensors.items():
+                planned[join(owner, local)] = value
+        return planned
+
+
+def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike = None) -> Plan:
     """Resolve, check and build every part without changing the model.
 
     ``device="meta"`` plans shapes only: nothing is allocated or initialised.
     """
     parts: list[Part] = []
+    shared: list[dict[str, torch.Tensor]] = []
     owner: dict[tuple[str, str], str] = {}
+
+    def claim(key: tuple[str, str], who: str) -> None:
+        if key in owner:
+            raise SpecError(
+                f"{key[0] or '<root>'!r} would get {key[1]!r} twice (from {owner[key]} and "
+                f"{who}); targets of one delta must not overlap"
+            )
+        owner[key] = who
+
     for index, spec in enumerate(specs):
         resolved = resolve_targets(model, spec.targets, spec.exclude)
         for path, module in resolved:
             spec.check_module(path, module)
+        common = dict(spec.make_shared(model, resolved, device=device))
+        for local in common:
+            claim(("", local), f"{spec.method}'s shared tensors")
+        shared.append(common)
         for path, module in resolved:
             part = spec.make_part(path, module, model, device=device)
             part.spec_index = index
             for key in part.tensors:
-                if key in owner:
-                    raise SpecError(
-                        f"{key[0] or '<root>'!r} would get {key[1]!r} twice (from {owner[key]} "
-                        f"and {spec.method} on {path!r}); targets of one delta must not overlap"
-                    )
-                owner[key] = f"{spec.method} on {path!r}"
+                claim(key, f"{spec.method} on {path!r}")
             parts.append(part)
-    return parts
+    return Plan(parts, shared)
 
 
 def attach(
@@ -182,25 +208,30 @@ def attach(
                 f"a delta named {name!r} is already attached to this model; pass another "
                 f"name=..., or detach it first (attached: {sorted(registry.deltas)})"
             )
-    parts = plan_parts(model, specs)
+    built = plan(model, specs)
 
     registry = open_registry(model)
     ledger = Ledger(model, name)
     switch = Switch(name)
-    delta = None
     try:
-        for part in parts:
-            part.install(ledger, switch)
-        delta = Delta(model, name, specs, parts, ledger, switch, freeze_base)
+        shared_entries = []
+        shared_by_spec = []
+        for common in built.shared:
+            entries = {
+                local: ledger.add_tensor("", local, value) for local, value in common.items()
+            }
+            if entries:
+                ledger.forgive_missing_delta_keys("")
+            shared_entries.extend(entries.values())
+            shared_by_spec.append(entries)
+        for part in built.parts:
+            part.install(ledger, switch, shared_by_spec[part.spec_index])
+        delta = Delta(model, name, specs, built.parts, shared_entries, ledger, switch, freeze_base)
         registry.deltas[name] = delta
         if freeze_base:
             registry.freeze_base(model, name)
     except BaseException:
-        ledger.undo()
-        registry.deltas.pop(name, None)
-        if freeze_base:
-            registry.release(name)
-        close_registry_if_empty(model)
+        teardown(model, name, ledger, freeze_base)
         raise
     return delta
 

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from .errors import DeltaFileError, DeltaStateError
-from .ledger import Ledger
+from .io import write_delta
+from .ledger import Ledger, TensorEntry
 from .merging import merged_on_top
 from .registry import close_registry_if_empty, registry_of
-from .spec import DeltaSpec, MergedGuard, Part, Switch
+from .sites import MergedGuard, Switch
+from .spec import DeltaSpec, Part
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -31,6 +33,26 @@ if TYPE_CHECKING:
 class LoadResult(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
+
+
+class PartView(NamedTuple):
+    """A read-only view of one part: which method sits where, and its live tensors."""
+
+    method: str
+    path: str
+    spec_index: int
+    tensors: dict[str, torch.Tensor]  # delta state_dict key -> live tensor
+
+
+def teardown(root: nn.Module, name: str, ledger: Ledger, freeze_base: bool) -> None:
+    """Undo everything one delta added and forget it: the one way a delta leaves a model."""
+    ledger.undo()
+    registry = registry_of(root)
+    if registry is not None:
+        registry.deltas.pop(name, None)
+        if freeze_base:
+            registry.release(name)
+        close_registry_if_empty(root)
 
 
 class Delta(nn.Module):
@@ -51,6 +73,7 @@ class Delta(nn.Module):
         name: str,
         specs: tuple[DeltaSpec, ...],
         parts: list[Part],
+        shared: list[TensorEntry],
         ledger: Ledger,
         switch: Switch,
         freeze_base: bool,
@@ -62,6 +85,7 @@ class Delta(nn.Module):
         state["_ledger"] = ledger
         state["_switch"] = switch
         state["_parts"] = parts
+        state["_shared"] = shared
         state["_freeze_base"] = freeze_base
         state["_attached"] = True
         state["name"] = name
@@ -91,9 +115,25 @@ class Delta(nn.Module):
         return [part.path for part in self._parts]
 
     @property
-    def parts(self) -> list[tuple[str, str]]:
-        """``(method, target path)`` for each part."""
-        return [(self.specs[part.spec_index].method, part.path) for part in self._parts]
+    def parts(self) -> list[PartView]:
+        """``(method, path, spec_index, tensors)`` for each part, in attach order.
+
+        ``tensors`` maps this delta's ``state_dict`` keys to the part's live tensors.
+        """
+        views = []
+        for part in self._parts:
+            tensors = {
+                entry.key: self._ledger.tensor(entry) for entry in part.entries if entry.saved
+            }
+            views.append(
+                PartView(self.specs[part.spec_index].method, part.path, part.spec_index, tensors)
+            )
+        return views
+
+    @property
+    def shared(self) -> dict[str, torch.Tensor]:
+        """Tensors shared by all targets of a spec (stored once, on the model root)."""
+        return {entry.key: self._ledger.tensor(entry) for entry in self._shared if entry.saved}
 
     def _require_attached(self, action: str) -> None:
         if not self._attached:
@@ -104,6 +144,7 @@ class Delta(nn.Module):
 
     # --------------------------------------------------------------- tensors
     def _entries(self):
+        yield from self._shared
         for part in self._parts:
             yield from part.entries
 
@@ -183,23 +224,19 @@ class Delta(nn.Module):
             >>> path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
             >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
         """
-        from .io import save_delta
-
         self._require_attached("save")
-        save_delta(self, path)
+        paths = [[] for _ in self.specs]
+        for part in self._parts:
+            paths[part.spec_index].append(part.path)
+        parts = [{**spec.describe(), "paths": where} for spec, where in zip(self.specs, paths)]
+        write_delta(path, self.name, parts, self.state_dict())
 
     def detach(self) -> None:
         """Remove everything this delta added; the model is exactly what it was before."""
         self._require_attached("detach")
         if self._switch.merged:
             self.unmerge()
-        self._ledger.undo()
-        registry = registry_of(self._root)
-        if registry is not None:
-            registry.deltas.pop(self.name, None)
-            if self._freeze_base:
-                registry.release(self.name)
-            close_registry_if_empty(self._root)
+        teardown(self._root, self.name, self._ledger, self._freeze_base)
         self.__dict__["_attached"] = False
 
     def merge(self) -> None:
@@ -225,19 +262,22 @@ class Delta(nn.Module):
         self._merge()
 
     def _merge(self) -> None:
+        refused = [p for p in self._parts if p.merge_fn is None]
+        if refused:  # before anything changes
+            refused[0].merge(self._ledger, self.specs[refused[0].spec_index].method)
         done = []
-        try:
+        try:  # merges write the stored tensors, under any redirect or parametrization
             for part in sorted(self._parts, key=lambda p: p.merge_order):
                 done.append(part)
-                part.merge(self._ledger)
+                part.merge(self._ledger, self.specs[part.spec_index].method)
         except BaseException:
             for part in reversed(done):
                 part.unmerge(self._ledger)
             self._set(merged=False)
             raise
         self._set(merged=True)
-        for part in self._parts:
-            part.remove_hooks(self._ledger)
+        for part in self._parts:  # then the sites go: the weights alone compute the delta
+            part.remove_sites(self._ledger)
         self.__dict__["_guard"] = self._ledger.forward_pre_hook("", MergedGuard(self._switch))
 
     def unmerge(self) -> None:
@@ -255,7 +295,7 @@ class Delta(nn.Module):
         for part in reversed(sorted(self._parts, key=lambda p: p.merge_order)):
             part.unmerge(self._ledger)
         for part in self._parts:
-            part.install_hooks(self._ledger, self._switch)
+            part.install_sites(self._ledger, self._switch)
         self._set(merged=False)
 
     def enable(self) -> None:
@@ -315,7 +355,8 @@ class Delta(nn.Module):
 
     def extra_repr(self) -> str:
         counts: dict[str, int] = {}
-        for method, _ in self.parts:
+        for part in self._parts:
+            method = self.specs[part.spec_index].method
             counts[method] = counts.get(method, 0) + 1
         where = ", ".join(f"{m}×{n}" for m, n in counts.items())
         state = (

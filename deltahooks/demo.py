@@ -24,7 +24,7 @@ from torch import nn
 
 from .attach import attach
 from .delta import Delta
-from .io import load_delta
+from .loading import load as load_delta
 from .methods import Full, LoRA
 
 if TYPE_CHECKING:

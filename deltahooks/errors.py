@@ -36,6 +36,10 @@ class DeltaFileError(DeltaError, ValueError):
     """A delta file is missing, malformed, or does not fit the model."""
 
 
+class UnsupportedOperationError(DeltaError, NotImplementedError):
+    """The method cannot do this at all (e.g. merge a non-linear adapter into weights)."""
+
+
 class DeltaWarning(UserWarning):
     """Something works but is probably not what was meant (e.g. a LoRA rank above full rank)."""
 

@@ -9,7 +9,7 @@ The header (safetensors ``__metadata__``, string → string) holds:
   "exclude", "paths"}], "shapes": {key: [dims]}}``, where ``paths`` are the resolved
   module paths, so loading re-attaches to exactly those modules.
 
-Loading checks every path and shape against the model before it changes anything.
+This module is the format only; :mod:`deltahooks.loading` attaches what a file holds.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
-from .errors import DeltaError, DeltaFileError
-from .targets import Paths
+from .errors import DeltaFileError
 
 FORMAT = "deltahooks.delta"
 FORMAT_VERSION = 1
@@ -40,28 +38,22 @@ def _version() -> str:
     return __version__
 
 
-def save_delta(delta, path: str | os.PathLike) -> None:
-    """Write ``delta`` to ``path`` (see the module docstring for the layout).
+def write_delta(
+    path: str | os.PathLike, name: str, parts: list[dict[str, Any]], state: dict[str, torch.Tensor]
+) -> None:
+    """Write a delta file: ``state`` tensors, and per part its description and ``paths``.
 
     The file appears whole or not at all: it is written next to ``path`` under a
     temporary name and renamed over it, with the permissions a new file gets (0644
     under the usual umask).
     """
     target = os.fspath(path)
-    tensors = {
-        key: tensor.detach().to("cpu").contiguous().clone()
-        for key, tensor in delta.state_dict().items()
-    }
-    for key, tensor in tensors.items():
+    tensors = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in state.items()}
+    for key, tensor in state.items():
         if tensor.device.type == "meta":
             raise DeltaFileError(f"cannot save {key!r}: it is on the meta device (no values)")
-    parts = []
-    for index, spec in enumerate(delta.specs):
-        info = spec.describe()
-        info["paths"] = [p.path for p in delta._parts if p.spec_index == index]
-        parts.append(info)
     header = {
-        "name": delta.name,
+        "name": name,
         "parts": parts,
         "shapes": {key: list(t.shape) for key, t in tensors.items()},
     }
@@ -180,116 +172,10 @@ def _is_shape(value: Any) -> bool:
     )
 
 
-def specs_from_header(header: dict[str, Any]) -> list:
-    from .spec import METHODS
-
-    specs = []
-    for part in header["parts"]:
-        method = part["method"]
-        if method not in METHODS:
-            raise DeltaFileError(
-                f"the file uses method {method!r}, which this deltahooks does not know "
-                f"(known: {sorted(METHODS)}); upgrade deltahooks"
-            )
-        try:
-            specs.append(METHODS[method](targets=Paths(part["paths"]), **part["hyperparameters"]))
-        except (TypeError, ValueError, AttributeError) as err:  # SpecError is a ValueError
-            raise DeltaFileError(
-                f"the {method} hyperparameters in the file are invalid: {err}"
-            ) from None
-    return specs
-
-
-def load_delta(
-    model: nn.Module,
-    path: str | os.PathLike,
-    name: str | None = None,
-    *,
-    freeze_base: bool = True,
-    allow_nonfinite: bool = False,
-):
-    """Attach the delta stored at ``path`` to ``model``, weights included.
-
-    Nothing changes unless every module path, tensor shape and dtype fits.
-
-    Example:
-        >>> import os, tempfile, torch, deltahooks as dh
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-        >>> path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
-        >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
-        >>> dh.detach(model)
-        >>> delta = dh.load(model, path)
-        >>> delta.paths
-        ['0']
-    """
-    from .attach import NAME_PATTERN, attach_with_state, plan_parts
-
-    where = os.fspath(path)
-    header = read_header(path)
-    specs = specs_from_header(header)
-    paths = [p for part in header["parts"] for p in part["paths"]]
-    missing = [p for p in paths if not _has_module(model, p)]
-    if missing:
-        raise DeltaFileError(
-            f"{where!r} was made for another model: module paths {missing[:5]} do not exist "
-            f"in {type(model).__name__}{_prefix_hint(model, paths)}"
-        )
-    if name is None:
-        name = header.get("name", "default")
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise DeltaFileError(f"{where!r}: the stored delta name {name!r} is invalid")
-    # Plan on the meta device and compare with what the file stores before allocating
-    # anything: a header that claims a huge rank or width costs nothing to refuse.
-    try:
-        parts = plan_parts(model, tuple(specs), device="meta")
-    except DeltaError as err:
-        raise DeltaFileError(f"{where!r} does not fit this model: {err}") from None
-    planned = {}
-    for part in parts:
-        for (owner, local), (value, _) in part.tensors.items():
-            planned[f"{owner}.{local}" if owner else local] = value
-    _check_layout(where, _stored_layout(where), planned)
-    tensors = _read_tensors(where)  # no larger than the file itself
-    if not allow_nonfinite:
-        _check_finite(where, tensors)
-    return attach_with_state(model, specs, tensors, name=name, freeze_base=freeze_base)
-
-
-def _has_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def _prefix_hint(model: nn.Module, paths: list[str]) -> str:
-    """Why paths are missing when the file fits a model that contains, or is inside, this one."""
-    known = {p for p, _ in model.named_modules()}
-    if not paths or "" in paths:
-        return ""
-    pieces = paths[0].split(".")
-    for depth in range(1, len(pieces)):
-        prefix = ".".join(pieces[:depth]) + "."
-        if all(p.startswith(prefix) and p[len(prefix) :] in known for p in paths):
-            return (
-                f". Its paths all start with {prefix!r}: it was saved from a model that holds "
-                f"this one as {prefix[:-1]!r}; load it into that outer model instead"
-            )
-    suffix = "." + paths[0]
-    for inner in sorted((k[: -len(suffix)] for k in known if k.endswith(suffix)), key=len):
-        if all(f"{inner}.{p}" in known for p in paths):
-            return (
-                f". The paths exist under {inner!r}: it was saved from that submodule; load it "
-                f"with dh.load(model.get_submodule({inner!r}), path)"
-            )
-    return ""
-
-
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 
 
-def _stored_layout(path: str) -> dict[str, tuple[list[int], str]]:
+def stored_layout(path: str) -> dict[str, tuple[list[int], str]]:
     """Each stored tensor's shape and dtype, read from the header without reading data."""
     try:
         with safe_open(path, framework="pt") as handle:
@@ -301,42 +187,12 @@ def _stored_layout(path: str) -> dict[str, tuple[list[int], str]]:
         raise DeltaFileError(f"{path!r}: cannot read tensors ({err})") from None
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise DeltaFileError(f"{path!r}: cannot read tensors ({err})") from None
-
-
-def _check_layout(where: str, stored: dict, planned: dict[str, torch.Tensor]) -> None:
-    """The file's tensors are exactly the planned ones, shape for shape, float for float."""
-    missing = [k for k in planned if k not in stored]
-    extra = [k for k in stored if k not in planned]
-    if missing or extra:
-        raise DeltaFileError(
-            f"{where!r}: tensors do not match its own spec: missing {missing[:5]}, extra {extra[:5]}"
-        )
-    for key, want in planned.items():
-        shape, dtype = stored[key]
-        if shape != list(want.shape):
-            raise DeltaFileError(
-                f"{where!r}: tensor {key!r} has shape {shape}, but the model needs "
-                f"{list(want.shape)}"
-            )
-        if (dtype in FLOAT_DTYPES) != want.is_floating_point():
-            raise DeltaFileError(
-                f"{where!r}: tensor {key!r} has dtype {dtype}, the model needs {want.dtype}"
-            )
-
-
-def _check_finite(where: str, tensors: dict[str, torch.Tensor]) -> None:
-    for key, have in tensors.items():
-        if have.is_floating_point() and have.numel() and not bool(torch.isfinite(have).all()):
-            raise DeltaFileError(
-                f"{where!r}: tensor {key!r} contains NaN or Inf; pass allow_nonfinite=True "
-                "to load it anyway"
-            )
 
 
 def describe_file(path: str | os.PathLike) -> str:
@@ -346,7 +202,7 @@ def describe_file(path: str | os.PathLike) -> str:
     """
     header = read_header(path)
     size = os.path.getsize(path)
-    count = sum(math.prod(shape) for shape, _ in _stored_layout(os.fspath(path)).values())
+    count = sum(math.prod(shape) for shape, _ in stored_layout(os.fspath(path)).values())
     lines = [f"{os.fspath(path)}: delta {header.get('name')!r}, {count:,} values, {size:,} bytes"]
     shown = 20
     for part in header["parts"]:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from . import reparametrize
 from .errors import DeltaStateError
 
 RESERVED_PREFIX = "dh__"
@@ -59,6 +61,15 @@ class TensorEntry:
 class HookEntry:
     path: str
     handle: RemovableHandle
+
+
+@dataclass
+class ParametrizationEntry:
+    """A ``torch.nn.utils.parametrize`` function on ``<path>.<attr>`` (see reparametrize)."""
+
+    path: str
+    attr: str
+    function: nn.Module
 
 
 @dataclass
@@ -147,9 +158,30 @@ class Ledger:
         self.entries.append(entry)
         return entry
 
+    def parametrize(self, path: str, attr: str, function: nn.Module) -> ParametrizationEntry:
+        """Make ``module.<attr>`` read as ``function(original)``; base keys stay as they were."""
+        module = self.module(path)
+        if attr in module.__dict__:
+            raise DeltaStateError(
+                f"{join(path, attr)!r} is redirected to a Full copy by another delta, so a "
+                "parametrization would not be seen; detach that delta first"
+            )
+        if attr not in module._parameters and attr not in module._buffers:
+            if not parametrize.is_parametrized(module, attr):
+                raise DeltaStateError(f"{join(path, attr)!r} is not a tensor of that module")
+        reparametrize.add(module, attr, function)
+        entry = ParametrizationEntry(path, attr, function)
+        self.entries.append(entry)
+        return entry
+
     def shadow(self, path: str, attr: str, value: torch.Tensor) -> ShadowEntry:
         """Make ``module.attr`` return ``value`` without touching ``module._parameters``."""
         module = self.module(path)
+        if parametrize.is_parametrized(module, attr):
+            raise DeltaStateError(
+                f"{join(path, attr)!r} is parametrized (by another delta or by your model), "
+                "so a Full copy would not be seen; detach that delta first"
+            )
         if attr in module.__dict__:
             raise DeltaStateError(
                 f"{join(path, attr)!r} is already redirected by another delta; "
@@ -175,7 +207,9 @@ class Ledger:
             entry.handle.remove()
             return
         module = self.module(entry.path)
-        if isinstance(entry, ShadowEntry):
+        if isinstance(entry, ParametrizationEntry):
+            reparametrize.remove(module, entry.attr, entry.function)
+        elif isinstance(entry, ShadowEntry):
             module.__dict__.pop(entry.attr, None)
         elif entry.is_parameter:
             module._parameters.pop(entry.reserved, None)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import DeltaStateError
 from .ledger import Ledger, TensorEntry, join, reserved_name
@@ -32,15 +34,39 @@ def _stack(ledger: Ledger, key: str, create: bool = False) -> list[str]:
     )
 
 
+def storage(module: nn.Module, attr: str) -> tuple[nn.Module, str]:
+    """Where ``module.<attr>`` is really stored: itself, or under its parametrization."""
+    if attr in module._parameters or attr in module._buffers:
+        return module, attr
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr], "original"
+    raise DeltaStateError(f"{type(module).__name__} has no tensor {attr!r} to merge into")
+
+
+def stored(module: nn.Module, attr: str) -> torch.Tensor:
+    """The stored tensor behind ``module.<attr>``: no Full copy, no parametrization applied.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> stored(layer, "weight") is layer.weight
+        True
+    """
+    owner, name = storage(module, attr)
+    return owner._parameters[name] if name in owner._parameters else owner._buffers[name]
+
+
 def swap_in(ledger: Ledger, path: str, attr: str, value: torch.Tensor) -> Merged:
     """Make the module's own ``attr`` hold ``value``; a parameter keeps its object."""
     module = ledger.module(path)
     key = join(path, attr)
-    current = module._parameters.get(attr, module._buffers.get(attr))
+    owner, name = storage(module, attr)
+    current = stored(module, attr)
+    aliases = {key, join(path, f"parametrizations.{attr}.original")}
     tied = [
-        name
-        for name, tensor in ledger.root.named_parameters(remove_duplicate=False)
-        if tensor is current and name != key
+        other
+        for other, tensor in ledger.root.named_parameters(remove_duplicate=False)
+        if tensor is current and other not in aliases
     ]
     if tied:
         raise DeltaStateError(
@@ -60,25 +86,25 @@ def swap_in(ledger: Ledger, path: str, attr: str, value: torch.Tensor) -> Merged
     while hasattr(module, reserved_name(ledger.delta_name, f"merge_original{depth}__{attr}")):
         depth += 1
     local = f"merge_original{depth}__{attr}"
-    if attr in module._parameters:
-        param = module._parameters[attr]
+    if name in owner._parameters:
+        param = owner._parameters[name]
         keep = ledger.add_tensor(path, local, param.data, parameter=False, saved=False)
         param.data = value
     else:
-        keep = ledger.add_tensor(path, local, module._buffers[attr], parameter=False, saved=False)
-        module._buffers[attr] = value
+        keep = ledger.add_tensor(path, local, owner._buffers[name], parameter=False, saved=False)
+        owner._buffers[name] = value
     _stack(ledger, key, create=True).append(ledger.delta_name)
     return Merged(path, attr, keep)
 
 
 def swap_out(ledger: Ledger, merged: Merged) -> None:
     """Put back the exact original that :func:`swap_in` kept."""
-    module = ledger.module(merged.path)
+    owner, name = storage(ledger.module(merged.path), merged.attr)
     original = ledger.tensor(merged.keep)
-    if merged.attr in module._parameters:
-        module._parameters[merged.attr].data = original
+    if name in owner._parameters:
+        owner._parameters[name].data = original
     else:
-        module._buffers[merged.attr] = original
+        owner._buffers[name] = original
     ledger.remove(merged.keep)
     stack = _stack(ledger, join(merged.path, merged.attr))
     if stack:

@@ -1,22 +1,27 @@
 """The contract between a method and the shared machinery.
 
-A method is two small things: a *spec* (a frozen dataclass of hyperparameters that
-says where it goes and validates itself) and *parts* (what it installs on one target
-module, and how it merges). Installation, files, freezing and detach are shared.
+A method is a *spec* — a frozen dataclass of hyperparameters that validates itself and
+says where it goes — whose :meth:`DeltaSpec.make_part` returns a :class:`Part` per target:
+the new tensors, the sites (:mod:`deltahooks.sites`) that use them, and, when the method
+is linear in the weights, how to fold it into them. Installing, files, freezing, merging
+and detaching are shared, so a user-defined method registered with :func:`register_method`
+behaves like a built-in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .errors import DeltaStateError, SpecError
-from .ledger import Ledger
-from .merging import Merged, swap_out
+from .errors import SpecError, UnsupportedOperationError
+from .ledger import Ledger, TensorEntry, join
+from .merging import Merged, swap_in, swap_out
+from .sites import RedirectSite, Site, Switch, TensorSource, install_site, sync_redirect
 from .targets import Target, describe
 
 METHODS: dict[str, type[DeltaSpec]] = {}
@@ -24,8 +29,33 @@ DeviceLike = torch.device | str | None
 
 
 def register_method(cls: type[DeltaSpec]) -> type[DeltaSpec]:
-    """Class decorator: make a spec class loadable from files by its ``method`` name."""
-    METHODS[cls.method] = cls
+    """Class decorator: make a spec class known by its ``method`` name, so files load it.
+
+    Example:
+        >>> import deltahooks as dh
+        >>> from dataclasses import dataclass
+        >>> @dh.register_method
+        ... @dataclass(frozen=True, kw_only=True)
+        ... class Nothing(dh.DeltaSpec):
+        ...     method = "doc_nothing"
+        >>> dh.spec.METHODS["doc_nothing"] is Nothing
+        True
+    """
+    name = getattr(cls, "method", "")
+    if not isinstance(cls, type) or not issubclass(cls, DeltaSpec):
+        raise SpecError(f"register_method takes a DeltaSpec subclass, got {cls!r}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SpecError(
+            f"{cls.__name__}.method={name!r} must be an identifier naming the method in files, "
+            "e.g. method = 'my_lora'"
+        )
+    known = METHODS.get(name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise SpecError(
+            f"method name {name!r} is taken by {known.__module__}.{known.__qualname__}; "
+            "choose another method = '...'"
+        )
+    METHODS[name] = cls
     return cls
 
 
@@ -43,10 +73,16 @@ class DeltaSpec:
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`SpecError` for invalid hyperparameters."""
+        """Raise :class:`SpecError` for invalid hyperparameters (see :mod:`deltahooks.validate`)."""
 
     def check_module(self, path: str, module: nn.Module) -> None:
         """Raise :class:`UnsupportedModuleError` when ``module`` cannot take this method."""
+
+    def make_shared(
+        self, root: nn.Module, targets: list[tuple[str, nn.Module]], *, device: DeviceLike = None
+    ) -> dict[str, torch.Tensor]:
+        """Tensors shared by every target (stored once, on the root); none by default."""
+        return {}
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
@@ -57,7 +93,7 @@ class DeltaSpec:
         builds shapes only (no memory, no initialisation), which the loader uses to check
         a file's claims before it allocates anything.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define make_part()")
 
     def hyperparameters(self) -> dict[str, Any]:
         """Everything but targets, JSON-ready, for files and summaries."""
@@ -76,140 +112,128 @@ class DeltaSpec:
         }
 
 
+TensorKey = tuple[str, str]  # (owner module path, local name)
+MergeFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+
+
 class Part:
     """What one spec puts on one target module.
 
-    ``merge_order``: parts that replace a tensor (0) merge before parts that add to it
-    (1), so a Full copy and a LoRA update on one layer merge to copy + update.
-
-    ``tensors`` maps ``(owner path, local name)`` to ``(initial value, is_parameter)``,
-    values on the target's device and dtype; :meth:`install` registers them and the hooks through
-    the ledger. Hooks must look tensors up on the module at call time.
+    Args:
+        path: the target module's path.
+        tensors: the new tensors, ``{local name: tensor}`` (registered as trainable
+            parameters on the target), or ``{(owner path, local name): (tensor,
+            is_parameter)}`` for tensors on other modules or buffers. Values are on the
+            target's device and dtype (or ``meta`` for a plan).
+        sites: where the tensors act (:mod:`deltahooks.sites`); site tensor names are
+            local names of this part or of the spec's shared tensors.
+        merge: ``merge(module, tensors) -> {relative path of a tensor: new value}`` for
+            methods that can be folded into the weights; ``tensors`` maps local (and
+            shared) names to the live tensors. None: the method cannot merge.
+        cannot_merge: why not, for the error when ``merge`` is None.
+        merge_order: parts that replace a tensor (0) merge before those that add to it (1).
     """
 
-    merge_order = 1
-
-    def __init__(self, path: str, tensors: dict[tuple[str, str], Any]) -> None:
+    def __init__(
+        self,
+        path: str,
+        tensors: Mapping,
+        sites: Iterable[Site] = (),
+        *,
+        merge: MergeFn | None = None,
+        cannot_merge: str = "",
+        merge_order: int = 1,
+    ) -> None:
         self.path = path
-        self.tensors = tensors
-        self.entries: list = []  # the ledger TensorEntry objects holding this part's state
+        self.tensors: dict[TensorKey, tuple[torch.Tensor, bool]] = {}
+        for key, value in tensors.items():
+            owner, local = (path, key) if isinstance(key, str) else key
+            self.tensors[(owner, local)] = value if isinstance(value, tuple) else (value, True)
+        self.sites = list(sites)
+        self.merge_fn = merge
+        self.cannot_merge = cannot_merge
+        self.merge_order = merge_order
         self.spec_index = 0  # which spec of its Delta made it
+        self.entries: list[TensorEntry] = []  # the ledger entries holding this part's tensors
         self.merges: list[Merged] = []  # what merge() swapped in, for unmerge()
-        self.hooks: list = []  # the ledger HookEntry objects of install_hooks()
+        self.installed: list = []  # ledger entries of the installed sites
+        self.shared: dict[str, TensorEntry] = {}
 
-    def register_tensors(self, ledger: Ledger) -> None:
+    # ------------------------------------------------------------- install
+    def install(self, ledger: Ledger, switch: Switch, shared: dict[str, TensorEntry]) -> None:
+        """Register the tensors once, then the sites (which merging takes away again)."""
+        self.shared = shared
         for (owner, local), (value, is_parameter) in self.tensors.items():
             self.entries.append(ledger.add_tensor(owner, local, value, parameter=is_parameter))
         for owner in dict.fromkeys(owner for owner, _ in self.tensors):
             ledger.forgive_missing_delta_keys(owner)
         self.tensors = {}
+        self.install_sites(ledger, switch)
 
-    def install(self, ledger: Ledger, switch: Switch) -> None:
-        """Register the tensors once, then the hooks (which merging takes away again)."""
-        self.register_tensors(ledger)
-        self.install_hooks(ledger, switch)
+    def _source(self, ledger: Ledger, names: tuple[str, ...]) -> TensorSource:
+        own = {entry.local: entry for entry in self.entries if entry.path == self.path}
+        found = []
+        for name in names:
+            entry = own.get(name) or self.shared.get(name)
+            if entry is None:
+                raise SpecError(
+                    f"a site on {self.path!r} names tensor {name!r}, which the part does not "
+                    f"define (it has {sorted(own)}, shared {sorted(self.shared)})"
+                )
+            found.append((entry.path != self.path, entry.is_parameter, entry.reserved))
+        return TensorSource(tuple(found), ledger.root if any(s for s, _, _ in found) else None)
 
-    def install_hooks(self, ledger: Ledger, switch: Switch) -> None:
-        """Register this part's hooks through the ledger, appending them to ``self.hooks``."""
-        raise NotImplementedError
+    def install_sites(self, ledger: Ledger, switch: Switch) -> None:
+        for site in self.sites:
+            if isinstance(site, RedirectSite):
+                source = {(entry.path, entry.local): entry for entry in self.entries}
+            else:
+                source = self._source(ledger, site.tensors)
+            self.installed.extend(install_site(ledger, self.path, site, switch, source))
 
-    def remove_hooks(self, ledger: Ledger) -> None:
-        """Drop this part's hooks: a merged delta computes through the weights alone."""
-        while self.hooks:
-            ledger.remove(self.hooks.pop())
+    def remove_sites(self, ledger: Ledger) -> None:
+        """Take the sites away: a merged delta computes through the weights alone."""
+        while self.installed:
+            ledger.remove(self.installed.pop())
 
-    def merge(self, ledger: Ledger) -> None:
-        raise NotImplementedError
+    def sync(self, ledger: Ledger, switch: Switch) -> None:
+        """Bring what the sites set outside a forward (redirects) in line with the switch."""
+        for site in self.sites:
+            if isinstance(site, RedirectSite):
+                sync_redirect(ledger, site, self.entries, switch.active)
+
+    # --------------------------------------------------------------- tensors
+    def live(self, ledger: Ledger) -> dict[str, torch.Tensor]:
+        """The live tensors by name relative to the target (shared ones by their name)."""
+        tensors = {name: ledger.tensor(entry) for name, entry in self.shared.items()}
+        for entry in self.entries:
+            relative = entry.path[len(self.path) :].lstrip(".") if self.path else entry.path
+            tensors[join(relative, entry.local)] = ledger.tensor(entry)
+        return tensors
+
+    # ----------------------------------------------------------------- merge
+    @torch.no_grad()
+    def merge(self, ledger: Ledger, method: str) -> None:
+        if self.merge_fn is None:
+            raise UnsupportedOperationError(
+                f"{method} on {self.path or '<root>'!r} cannot be merged into the weights: "
+                f"{self.cannot_merge or 'it is not a change of weights'}; keep the delta unmerged"
+            )
+        values = self.merge_fn(ledger.module(self.path), self.live(ledger))
+        for relative, value in values.items():
+            owner, _, attr = join(self.path, relative).rpartition(".")
+            self.merges.append(swap_in(ledger, owner, attr, value))
 
     def unmerge(self, ledger: Ledger) -> None:
         """Restore every tensor :meth:`merge` swapped, newest first."""
         while self.merges:
             swap_out(ledger, self.merges.pop())
 
-    def sync(self, ledger: Ledger, switch: Switch) -> None:
-        """Called after enable/disable/merge; most parts read the switch in hooks instead."""
 
-
-class MergedGuard:
-    """The one hook a merged delta keeps, on its root: training it would change nothing.
-
-    The per-layer hooks are removed while merged (so a merged forward costs what the base
-    costs); this single pre-hook still refuses a training forward.
-    """
-
-    __slots__ = ("switch",)
-
-    def __init__(self, switch: Switch) -> None:
-        self.switch = switch
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if module.training and torch.is_grad_enabled():
-            raise DeltaStateError(
-                f"delta {self.switch.name!r} is merged, so training would not update it; "
-                "call delta.unmerge() before training, or model.eval() / torch.no_grad() "
-                "for inference"
-            )
-
-
-class Switch:
-    """State every hook of one delta reads on each call: flipping it adds no hooks."""
-
-    __slots__ = ("active", "enabled", "merged", "name")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.enabled = True
-        self.merged = False
-        self.active = True
-
-    def update(self) -> None:
-        self.active = self.enabled and not self.merged
-
-    def __getstate__(self):
-        return (self.name, self.enabled, self.merged, self.active)
-
-    def __setstate__(self, state) -> None:
-        self.name, self.enabled, self.merged, self.active = state
-
-
-def explain_failure(
-    delta_name: str, module: nn.Module, x: Any, tensors: tuple, err: Exception | None
-) -> Exception:
-    """Turn a failure inside a hook into an error that says what to fix, when we can tell.
-
-    Only called after an exception, so the hot path pays nothing for it.
-    """
-    devices = {t.device for t in tensors}
-    if isinstance(x, torch.Tensor) and (devices - {x.device}):
-        where = sorted(str(d) for d in devices)
-        if "meta" in where and x.device.type != "meta":
-            return DeltaStateError(
-                f"delta {delta_name!r} on {type(module).__name__} has its tensors on the meta "
-                "device (no values) while the input is real: load its values with dh.load(...) "
-                "or delta.load_state_dict(...) after materializing the model"
-            )
-        return DeltaStateError(
-            f"delta {delta_name!r} on {type(module).__name__} is on {where} but the input is on "
-            f"{x.device}; move the whole model with model.to(device) after attaching"
-        )
-    return err if err is not None else DeltaStateError(f"delta {delta_name!r} cannot run here")
-
-
-def is_number(value: object) -> bool:
-    """A real int or float (``True`` is an int to Python, never a hyperparameter here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_count(value: object) -> bool:
-    """A positive int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def check_probability(name: str, value: float) -> None:
-    if not is_number(value) or not (0.0 <= value < 1.0):
-        raise SpecError(f"{name}={value!r} must be a number in [0, 1); use 0 to switch it off")
-
-
-def check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise SpecError(f"{name}={value!r} must be True or False")
+def tensor_keys(parts: Iterable[Part]) -> dict[str, torch.Tensor]:
+    """``{state_dict key: planned tensor}`` of parts not yet installed."""
+    return {
+        join(owner, local): value
+        for part in parts
+        for (owner, local), (value, _) in part.tensors.items()
+    }

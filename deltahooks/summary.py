@@ -70,10 +70,12 @@ def summary(model: nn.Module) -> str:
             merged.update((id(p), p.numel()) for p in delta.parameters())
         note = " (merged into the weights)" if delta.merged else ""
         rows = []
-        for part in delta._parts:
-            method = delta.specs[part.spec_index].method
-            count = sum(delta._ledger.tensor(e).numel() for e in part.entries if e.saved)
-            rows.append((part.path or "<root>", f"{method}  {count:,} params{note}"))
+        for part in delta.parts:
+            count = sum(t.numel() for t in part.tensors.values())
+            rows.append((part.path or "<root>", f"{part.method}  {count:,} params{note}"))
+        shared = sum(t.numel() for t in delta.shared.values())
+        if shared:
+            rows.append(("<shared>", f"{shared:,} params shared by all targets{note}"))
         lines.extend(_tree(rows))
     params = list(model.named_parameters())
     total = sum(p.numel() for _, p in params)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-import sys
 from collections.abc import Callable, Iterable
 
 from torch import nn
 
 from .errors import TargetError
+from .layers import is_linear_like
 
 ALL_LINEAR = "all-linear"
 _GLOB_CHARS = frozenset("*?[")
@@ -51,16 +51,6 @@ class Paths(tuple):
 Target = str | type | nn.Module | Callable[[str, nn.Module], bool] | Paths | list | tuple
 
 
-def is_conv1d_gpt2(module: nn.Module) -> bool:
-    """True for transformers' GPT-2 style ``Conv1D`` without importing transformers."""
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d_gpt2(module)
-
-
 def _output_head(model: nn.Module) -> nn.Module | None:
     """The model's output head: HF's output embeddings if it has them, else its last linear."""
     getter = getattr(model, "get_output_embeddings", None)
@@ -73,7 +63,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
             return head
     last = None
     for _, module in model.named_modules():
-        if _is_linear_like(module):
+        if is_linear_like(module):
             last = module
     return last
 
@@ -103,7 +93,7 @@ def _entry_matcher(entry, model: nn.Module) -> Callable[[str, nn.Module], bool]:
     if isinstance(entry, str):
         if entry == ALL_LINEAR:
             head = _output_head(model)
-            return lambda path, module: _is_linear_like(module) and module is not head
+            return lambda path, module: is_linear_like(module) and module is not head
         if entry.startswith("re:"):
             try:
                 pattern = re.compile(entry[3:])

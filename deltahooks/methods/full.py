@@ -1,10 +1,10 @@
 """Full: train every parameter of whole modules (a new task head, say) on copies.
 
 PEFT calls this ``modules_to_save``, OpenDelta ``unfrozen_modules``. The delta keeps
-trainable copies of the target's parameters and persistent buffers, registered next
-to the originals under reserved names; an instance-``__dict__`` entry makes
-``module.weight`` resolve to the copy, so the module's own forward uses it with no
-hook arithmetic, while ``state_dict()`` and ``detach`` still see the untouched originals.
+trainable copies of the target's parameters and persistent buffers, registered next to
+the originals under reserved names; a redirect site makes ``module.weight`` resolve to
+the copy, so the module's own forward uses it with no hook arithmetic, while
+``state_dict()`` and ``detach`` still see the untouched originals.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import DeltaStateError, UnsupportedModuleError
-from ..ledger import Ledger, is_reserved, join
-from ..merging import swap_in
+from ..ledger import is_reserved, join
 from ..registry import registry_of
-from ..spec import DeltaSpec, DeviceLike, Part, Switch, explain_failure, register_method
-from .lora import raise_if_training_merged
+from ..sites import RedirectSite
+from ..spec import DeltaSpec, DeviceLike, Part, register_method
 
 
 @register_method
@@ -60,6 +60,12 @@ class Full(DeltaSpec):
     method = "full"
 
     def check_module(self, path: str, module: nn.Module) -> None:
+        if any(parametrize.is_parametrized(sub) for sub in module.modules()):
+            raise UnsupportedModuleError(
+                f"Full cannot copy {path or '<root>'!r}: it holds parametrized tensors "
+                "(torch.nn.utils.parametrize, e.g. another delta's weight site), whose "
+                "attributes a copy cannot stand in for; detach that delta or target another module"
+            )
         if next(iter(_owned(module)), None) is None:
             raise UnsupportedModuleError(
                 f"Full has nothing to train in {path or '<root>'!r} ({type(module).__name__}): "
@@ -68,10 +74,10 @@ class Full(DeltaSpec):
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
-    ) -> FullPart:
+    ) -> Part:
         registry = registry_of(root)
         tensors = {}
-        for sub, attr, tensor, is_param in _owned(module):
+        for sub, attr, tensor, is_parameter in _owned(module):
             key = join(join(path, sub), attr)
             if registry is not None and registry.merge_stacks.get(key):
                 raise DeltaStateError(
@@ -82,8 +88,8 @@ class Full(DeltaSpec):
                 copy = tensor.detach().clone()
             else:
                 copy = torch.empty_like(tensor, device=device)
-            tensors[(join(path, sub), attr)] = (copy, is_param)
-        return FullPart(path, tensors)
+            tensors[(join(path, sub), attr)] = (copy, is_parameter)
+        return Part(path, tensors, [RedirectSite(tuple(tensors))], merge=copies, merge_order=0)
 
 
 def _owned(module: nn.Module):
@@ -101,68 +107,6 @@ def _owned(module: nn.Module):
                 yield sub, attr, buf, False
 
 
-class _Redirect:
-    """Forward pre-hook on each owner: (re)points ``module.<attr>`` at the live copy.
-
-    The shadow is set at attach already; re-reading it per call keeps it right when
-    something (FSDP2, ``model.to``) replaced the registered copy with a new tensor.
-    """
-
-    __slots__ = ("pairs", "switch")
-
-    def __init__(self, switch: Switch, pairs: list[tuple[str, str, bool]]):
-        self.switch = switch
-        self.pairs = pairs
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if not self.switch.active:
-            raise_if_training_merged(self.switch, module)
-        apply_redirect(module, self.switch.active, self.pairs)
-        if self.switch.active and args and isinstance(args[0], torch.Tensor):
-            attr = self.pairs[0][0]
-            copy = module.__dict__[attr]
-            if copy.is_meta and not args[0].is_meta:  # torch would compute garbage
-                raise explain_failure(self.switch.name, module, args[0], (copy,), None)
-
-
-def apply_redirect(module: nn.Module, active: bool, pairs) -> None:
-    shadows = module.__dict__
-    if active:
-        for attr, reserved, is_param in pairs:
-            store = module._parameters if is_param else module._buffers
-            shadows[attr] = store[reserved]
-    else:
-        for attr, _, _ in pairs:
-            shadows.pop(attr, None)
-
-
-class FullPart(Part):
-    merge_order = 0  # replaces tensors: must merge before additive parts on them
-
-    def __init__(self, path, tensors) -> None:
-        super().__init__(path, tensors)
-        self.owners: dict[str, list[tuple[str, str, bool]]] = {}
-
-    def install(self, ledger: Ledger, switch: Switch) -> None:
-        self.register_tensors(ledger)
-        for entry in self.entries:
-            self.owners.setdefault(entry.path, []).append(
-                (entry.local, entry.reserved, entry.is_parameter)
-            )
-            ledger.shadow(entry.path, entry.local, ledger.tensor(entry))
-        self.install_hooks(ledger, switch)
-
-    def install_hooks(self, ledger: Ledger, switch: Switch) -> None:
-        for owner, pairs in self.owners.items():
-            self.hooks.append(ledger.forward_pre_hook(owner, _Redirect(switch, pairs)))
-
-    def sync(self, ledger: Ledger, switch: Switch) -> None:
-        for owner, pairs in self.owners.items():
-            apply_redirect(ledger.module(owner), switch.active, pairs)
-
-    @torch.no_grad()
-    def merge(self, ledger: Ledger) -> None:
-        for entry in self.entries:
-            value = ledger.tensor(entry).detach().clone()
-            ledger.module(entry.path).__dict__.pop(entry.local, None)  # our own shadow
-            self.merges.append(swap_in(ledger, entry.path, entry.local, value))
+def copies(module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    """Merging a Full delta puts the trained copies in place of the originals."""
+    return {key: value.detach().clone() for key, value in tensors.items()}

@@ -1,61 +1,32 @@
 """LoRA (Hu et al., 2021): ``y = f(x) + s · B(A(dropout(x)))``, with ``s = α/r`` (or ``α/√r``).
 
-Training runs as a forward-hook bypass on the unchanged module; :meth:`Delta.merge`
-folds ``s · BA`` into the weight so a merged forward costs what the base costs.
-Tensor layouts follow PEFT (``A``: r × fan-in, ``B``: fan-out × r; for embeddings
-``A``: r × num_embeddings, ``B``: embedding_dim × r) so files convert without transposes.
+An output site adds the bypass to the unchanged module's output; merging folds ``s · BA``
+into the weight, so a merged forward costs what the base costs. Tensor layouts follow
+PEFT (``A``: r × fan-in, ``B``: fan-out × r; for embeddings ``A``: r × num_embeddings,
+``B``: embedding_dim × r) so files convert without transposes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks
 
-from ..errors import DeltaStateError, SpecError, UnsupportedModuleError, warn
-from ..ledger import Ledger
-from ..merging import swap_in
-from ..spec import (
-    DeltaSpec,
-    DeviceLike,
-    Part,
-    Switch,
-    check_flag,
-    check_probability,
-    explain_failure,
-    is_count,
-    is_number,
-    register_method,
-)
-from ..targets import first_match, is_conv1d_gpt2
+from .. import validate
+from ..errors import UnsupportedModuleError, warn
+from ..layers import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, kind_of, to_weight_layout, widths
+from ..merging import stored
+from ..sites import OutputSite
+from ..spec import DeltaSpec, DeviceLike, Part, register_method
+from ..targets import first_match
 
 INITS = ("default", "gaussian", "random")
-
-
-def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if is_conv1d_gpt2(module):
-        return "conv1d_gpt2"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    return None
-
-
-def raise_if_training_merged(switch: Switch, module: nn.Module) -> None:
-    """Hooks call this when inactive: a merged delta cannot learn (its tensors are unused)."""
-    if switch.merged and module.training and torch.is_grad_enabled():
-        raise DeltaStateError(
-            f"delta {switch.name!r} is merged, so training would not update it; "
-            "call delta.unmerge() before training, or model.eval() / torch.no_grad() for inference"
-        )
+KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV)
 
 
 @register_method
@@ -132,40 +103,25 @@ class LoRA(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name, pattern in (
-            ("rank_pattern", self.rank_pattern),
-            ("alpha_pattern", self.alpha_pattern),
-        ):
-            if not isinstance(pattern, dict):
-                raise SpecError(
-                    f"LoRA {name} must be a dict such as {{'down_proj': 4}}, got {pattern!r}"
-                )
+        validate.pattern_dict("LoRA", "rank_pattern", self.rank_pattern, "{'down_proj': 4}")
+        validate.pattern_dict("LoRA", "alpha_pattern", self.alpha_pattern, "{'down_proj': 16}")
         for where, rank in [("r", self.r), *self.rank_pattern.items()]:
-            if not is_count(rank):
-                raise SpecError(f"LoRA rank {where}={rank!r} must be a positive integer, e.g. r=8")
+            validate.positive_int("LoRA", where, rank)
         for where, alpha in [("alpha", self.alpha), *self.alpha_pattern.items()]:
-            if not is_number(alpha) or not math.isfinite(alpha) or alpha < 0:
-                raise SpecError(f"LoRA alpha {where}={alpha!r} must be a finite number >= 0")
-        check_probability("LoRA dropout", self.dropout)
-        check_flag("LoRA rslora", self.rslora)
-        if self.init not in INITS:
-            raise SpecError(f"LoRA init={self.init!r} is unknown; choose one of {list(INITS)}")
-        for name, pattern in (
-            ("rank_pattern", self.rank_pattern),
-            ("alpha_pattern", self.alpha_pattern),
-        ):
-            if not all(isinstance(k, str) for k in pattern):
-                raise SpecError(f"LoRA {name} keys must be target strings such as 'down_proj'")
+            validate.finite("LoRA", where, alpha, minimum=0)
+        validate.probability("LoRA", "dropout", self.dropout)
+        validate.flag("LoRA", "rslora", self.rslora)
+        validate.one_of("LoRA", "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        kind = _kind(module)
-        if kind is None:
+        kind = kind_of(module)
+        if kind not in KINDS:
             raise UnsupportedModuleError(
                 f"LoRA cannot adapt {path!r} ({type(module).__name__}); it supports nn.Linear, "
                 "transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Narrow targets "
                 "(e.g. add exclude=...) or target the linear layers inside it"
             )
-        if kind == "conv" and module.groups != 1:
+        if kind == CONV and module.groups != 1:
             raise UnsupportedModuleError(
                 f"LoRA on grouped convolution {path!r} (groups={module.groups}) is not "
                 "supported; exclude it from targets"
@@ -173,28 +129,23 @@ class LoRA(DeltaSpec):
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
-    ) -> LoRAPart:
+    ) -> Part:
         rank = first_match(path, module, self.rank_pattern, root) or self.r
         alpha = first_match(path, module, self.alpha_pattern, root)
         alpha = self.alpha if alpha is None else alpha
         scale = alpha / math.sqrt(rank) if self.rslora else alpha / rank
-        kind = _kind(module)
+        kind = kind_of(module)
         weight = module.weight
         like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
-        if kind == "embedding":
-            fan_in, fan_out = weight.shape
-            a = torch.empty(rank, fan_in, **like)
-            b = torch.empty(fan_out, rank, **like)
-        elif kind == "conv":
-            fan_out, fan_in = weight.shape[0], weight[0].numel()
-            a = torch.empty(rank, weight.shape[1], *weight.shape[2:], **like)
-            b = torch.empty(weight.shape[0], rank, *([1] * (weight.dim() - 2)), **like)
+        fan_in, fan_out = widths(module)
+        if kind == CONV:  # A is a convolution kernel, B a 1×…×1 one
+            a = torch.empty(rank, *weight.shape[1:], **like)
+            b = torch.empty(fan_out, rank, *([1] * (weight.dim() - 2)), **like)
         else:
-            fan_out, fan_in = weight.shape if kind == "linear" else weight.shape[::-1]
             a = torch.empty(rank, fan_in, **like)
             b = torch.empty(fan_out, rank, **like)
-        full_rank = min(fan_in, fan_out)
         if device is None:  # a real build; a plan (device="meta") needs shapes only
+            full_rank = min(fan_in, fan_out)
             if rank > full_rank:
                 warn(
                     f"LoRA rank {rank} on {path!r} exceeds the full rank {full_rank} of its "
@@ -203,18 +154,27 @@ class LoRA(DeltaSpec):
                     "for this layer"
                 )
             _initialise(a, b, self.init, kind, rank)
-        tensors = {(path, "lora_A"): (a, True), (path, "lora_B"): (b, True)}
-        dropout = 0.0 if kind == "embedding" else self.dropout
-        return LoRAPart(path, tensors, kind, scale, dropout)
+        dropout = 0.0 if kind == EMBEDDING else self.dropout
+        # prepend: the update is part of the layer, so it runs before any other forward
+        # hook of the module (an Adapter on the same output sees base + update, merged or not)
+        site = OutputSite(
+            partial(bypass, kind, scale, dropout), ("lora_A", "lora_B"), in_place=True, prepend=True
+        )
+        return Part(
+            path,
+            {"lora_A": a, "lora_B": b},
+            [site],
+            merge=partial(merged_weight, scale),
+        )
 
 
 @torch.no_grad()
 def _initialise(a: torch.Tensor, b: torch.Tensor, init: str, kind: str, rank: int) -> None:
     # The zero factor makes the delta start at exactly zero; for embeddings it is A
     # (PEFT's convention), since A is what the token ids index.
-    first, second = (b, a) if kind == "embedding" else (a, b)
+    first, second = (b, a) if kind == EMBEDDING else (a, b)
     if init == "default":
-        if kind == "embedding":
+        if kind == EMBEDDING:
             nn.init.normal_(first)
         else:
             nn.init.kaiming_uniform_(first, a=math.sqrt(5))
@@ -227,97 +187,36 @@ def _initialise(a: torch.Tensor, b: torch.Tensor, init: str, kind: str, rank: in
         nn.init.normal_(second, std=1.0 / math.sqrt(rank))
 
 
-class _Bypass:
-    """The forward hook: adds ``s · B(A(x))`` to the module's output.
+def bypass(kind: str, scale: float, dropout: float, module: nn.Module, x, y, tensors, writable):
+    """``y + s · B(A(dropout(x)))``; accumulated into ``y`` in place when ``writable``.
 
-    When this hook is the module's first forward hook, nobody else has seen the output
-    yet, so the update is accumulated into it in place (one GEMM, no copy; the layers
-    LoRA adapts never save their output for backward). Otherwise it returns a new tensor.
+    In place, the update costs one GEMM and no copy (the layers LoRA adapts never keep
+    their output for backward).
     """
-
-    __slots__ = ("a", "b", "dropout", "hook_id", "kind", "scale", "switch")
-
-    def __init__(self, switch: Switch, a: str, b: str, scale: float, dropout: float, kind: str):
-        self.switch = switch
-        self.a = a
-        self.b = b
-        self.scale = scale
-        self.dropout = dropout
-        self.kind = kind
-        self.hook_id = -1
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        if not self.switch.active:
-            raise_if_training_merged(self.switch, module)
-            return None
-        params = module._parameters
-        a = params[self.a]
-        b = params[self.b]
-        x = args[0] if args else next(iter(kwargs.values()))
-        if a.is_meta and not output.is_meta:  # torch would compute garbage, not raise
-            raise explain_failure(self.switch.name, module, x, (a, b), None)
-        try:
-            return self._add(module, x, a, b, output)
-        except (RuntimeError, NotImplementedError) as err:
-            raise explain_failure(self.switch.name, module, x, (a, b), err) from err
-
-    def _add(self, module: nn.Module, x, a, b, output):
-        kind = self.kind
-        if kind == "embedding":
-            h = F.embedding(x, a.t(), module.padding_idx)
-            return output + F.linear(h, b) * self.scale
-        if self.dropout and module.training:
-            x = F.dropout(x, self.dropout, True)
-        if kind == "conv":
-            h = module._conv_forward(x, a, None)
-            conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
-            return output + conv(h, b) * self.scale
-        h = F.linear(x, a)
-        h = h.reshape(-1, h.shape[-1])
-        if (
-            next(iter(module._forward_hooks)) == self.hook_id
-            and not _global_forward_hooks
-            and output.is_contiguous()
-        ):
-            output.view(-1, output.shape[-1]).addmm_(h, b.t(), alpha=self.scale)
-            return output
-        flat = torch.addmm(output.reshape(-1, output.shape[-1]), h, b.t(), alpha=self.scale)
-        return flat.view(output.shape)
+    a, b = tensors
+    if kind == EMBEDDING:
+        return y + F.linear(F.embedding(x, a.t(), module.padding_idx), b) * scale
+    if dropout and module.training:
+        x = F.dropout(x, dropout, True)
+    if kind == CONV:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
+        return y + conv(module._conv_forward(x, a, None), b) * scale
+    h = F.linear(x, a)
+    h = h.reshape(-1, h.shape[-1])
+    if writable:
+        y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
+        return y
+    return torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=scale).view(y.shape)
 
 
-class LoRAPart(Part):
-    def __init__(self, path, tensors, kind: str, scale: float, dropout: float) -> None:
-        super().__init__(path, tensors)
-        self.kind = kind
-        self.scale = scale
-        self.dropout = dropout
+def delta_weight(scale: float, module: nn.Module, tensors) -> torch.Tensor:
+    """``s · BA`` in the layout of the module's own weight, in at least float32."""
+    exact = torch.promote_types(stored(module, "weight").dtype, torch.float32)
+    a, b = tensors["lora_A"].to(exact), tensors["lora_B"].to(exact)
+    return to_weight_layout(module, b.flatten(1) @ a.flatten(1)) * scale
 
-    def install_hooks(self, ledger: Ledger, switch: Switch) -> None:
-        a, b = (entry.reserved for entry in self.entries)
-        hook = _Bypass(switch, a, b, self.scale, self.dropout, self.kind)
-        # prepend: a LoRA update is part of the layer itself, so it runs before any other
-        # forward hook (an Adapter on the same output sees base + update, merged or not)
-        entry = ledger.forward_hook(self.path, hook, with_kwargs=True, prepend=True)
-        hook.hook_id = entry.handle.id
-        self.hooks.append(entry)
 
-    @torch.no_grad()
-    def delta_weight(self, ledger: Ledger) -> torch.Tensor:
-        """``s · BA`` in the layout of the module's own weight, in at least float32."""
-        weight = ledger.module(self.path).weight
-        exact = torch.promote_types(weight.dtype, torch.float32)
-        a, b = (ledger.tensor(entry).to(exact) for entry in self.entries)
-        if self.kind == "conv":
-            update = (b.flatten(1) @ a.flatten(1)).view(weight.shape)
-        else:
-            update = b @ a
-            if self.kind in ("conv1d_gpt2", "embedding"):
-                update = update.t()
-        return update * self.scale
-
-    @torch.no_grad()
-    def merge(self, ledger: Ledger) -> None:
-        weight = ledger.module(self.path)._parameters["weight"]  # not a Full shadow
-        update = self.delta_weight(ledger)
-        merged = (weight.to(update.dtype) + update).to(weight.dtype)
-        self.merges.append(swap_in(ledger, self.path, "weight", merged))
+def merged_weight(scale: float, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    weight = stored(module, "weight")  # not a Full copy, not a parametrization
+    update = delta_weight(scale, module, tensors)
+    return {"weight": (weight.to(update.dtype) + update).to(weight.dtype)}

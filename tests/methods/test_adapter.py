@@ -70,16 +70,30 @@ def test_merge_is_refused_and_changes_nothing():
     assert not delta.merged
 
 
-def test_width_must_be_known_and_output_a_tensor():
+def test_width_must_be_known_and_tuple_outputs_act_on_their_first_element():
     class Pair(nn.Module):
         def forward(self, x):
             return x, x
 
     model = nn.Sequential(Pair())
-    with pytest.raises(dh.UnsupportedModuleError, match="hidden_size"):
+    with pytest.raises(dh.SpecError, match=r"'0' \(Pair\).*hidden_size"):
         dh.attach(model, dh.Adapter(targets=["0"], bottleneck=2))
+    delta = dh.attach(model, dh.Adapter(targets=["0"], bottleneck=2, hidden_size=4, init="random"))
+    x = torch.randn(1, 4)
+    first, second = model(x)
+    down, down_bias, up, up_bias = delta.state_dict().values()
+    torch.testing.assert_close(first, x + torch.relu(x @ down.T + down_bias) @ up.T + up_bias)
+    assert second is x  # the rest of the tuple passes through untouched
+
+
+def test_an_output_without_a_tensor_is_refused_by_name():
+    class Words(nn.Module):
+        def forward(self, x):
+            return "not a tensor"
+
+    model = nn.Sequential(Words())
     dh.attach(model, dh.Adapter(targets=["0"], bottleneck=2, hidden_size=4))
-    with pytest.raises(dh.UnsupportedModuleError, match="tensor output"):
+    with pytest.raises(dh.UnsupportedModuleError, match="Words returned str"):
         model(torch.randn(1, 4))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -96,11 +97,18 @@ def test_only_delta_parameters_get_gradients():
 def test_rank_and_alpha_patterns():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     spec = dh.LoRA(targets=nn.Linear, r=4, alpha=8, rank_pattern={"1": 2}, alpha_pattern={"1": 1})
+    spec = dataclasses.replace(spec, init="random")
     delta = dh.attach(model, spec, freeze_base=False)
-    assert delta.state_dict()["0.lora_A"].shape == (4, 4)
-    assert delta.state_dict()["1.lora_A"].shape == (2, 4)
-    hooks = [next(iter(m._forward_hooks.values())) for m in model]
-    assert [h.scale for h in hooks] == [2.0, 0.5]
+    state = delta.state_dict()
+    assert state["0.lora_A"].shape == (4, 4)
+    assert state["1.lora_A"].shape == (2, 4)
+    x = torch.randn(3, 4)
+    for index, scale in [("0", 8 / 4), ("1", 1 / 2)]:  # alpha / r, per layer
+        layer = model.get_submodule(index)
+        with delta.disabled():
+            base = layer(x)
+        update = x @ state[f"{index}.lora_A"].T @ state[f"{index}.lora_B"].T
+        torch.testing.assert_close(layer(x), base + scale * update)
 
 
 def test_dropout_only_in_training_and_only_on_the_delta_input():

@@ -160,7 +160,8 @@ class Lifecycle(RuleBasedStateMachine):
                     continue
                 state = delta.state_dict()
                 for spec in self.specs[name]:
-                    for method, path in delta.parts:
+                    for view in delta.parts:
+                        method, path = view.method, view.path
                         if method != spec.method:
                             continue
                         if method == "full":

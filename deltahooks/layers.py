@@ -1,0 +1,137 @@
+"""Layer kinds, described once, so that no method switches on module types itself.
+
+A kind tells how wide a layer's input and output are, how to read its weight as an
+``out × in`` matrix (and write one back in the layer's own layout), and where its
+output's channels are. Activation-space methods on arbitrary modules (a ``LlamaMLP``, a
+whole decoder layer) get their width from :func:`hidden_width`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+LINEAR = "linear"
+CONV1D_GPT2 = "conv1d_gpt2"
+EMBEDDING = "embedding"
+CONV = "conv"
+NORM = "norm"
+
+
+def is_conv1d_gpt2(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` without importing transformers."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or GPT-2's ``Conv1D``: a dense map of the last dimension."""
+    return isinstance(module, nn.Linear) or is_conv1d_gpt2(module)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: named ``*Norm*`` with a 1-D ``weight`` (and maybe a ``bias``).
+
+    Covers LayerNorm, RMSNorm, BatchNorm, GroupNorm and the models' own (LlamaRMSNorm,
+    T5LayerNorm, ...) without naming any of them.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        "Norm" in type(module).__name__ and isinstance(weight, torch.Tensor) and weight.dim() == 1
+    )
+
+
+def kind_of(module: nn.Module) -> str | None:
+    """The kind of a layer, or None for a module no kind describes."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if is_conv1d_gpt2(module):
+        return CONV1D_GPT2
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONV
+    if is_norm(module):
+        return NORM
+    return None
+
+
+def widths(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a layer's weight read as a matrix (a conv's ``in`` counts its kernel).
+
+    An embedding's "input" is its vocabulary; a norm maps its width to itself.
+    """
+    kind = kind_of(module)
+    if kind is None:
+        return None
+    weight = module.weight
+    if kind == LINEAR:
+        return weight.shape[1], weight.shape[0]
+    if kind in (CONV1D_GPT2, EMBEDDING):
+        return weight.shape[0], weight.shape[1]
+    if kind == CONV:
+        return weight[0].numel(), weight.shape[0]
+    return weight.shape[0], weight.shape[0]
+
+
+def output_width(module: nn.Module) -> int | None:
+    """The size of the last dimension of the module's output, where its kind tells it."""
+    kind = kind_of(module)
+    if kind in (LINEAR, CONV1D_GPT2, EMBEDDING, NORM):
+        return widths(module)[1]
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:  # no affine weight
+        return module.normalized_shape[-1]
+    return None
+
+
+def channel_dim(module: nn.Module) -> int:
+    """Which dimension of the output holds the channels: 1 for convolutions, else -1."""
+    return 1 if kind_of(module) == CONV else -1
+
+
+def to_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """An ``out × in`` matrix in the layout of the module's own weight."""
+    kind = kind_of(module)
+    if kind in (CONV1D_GPT2, EMBEDDING):
+        return matrix.t()
+    if kind == CONV:
+        return matrix.reshape(module.weight.shape)
+    return matrix
+
+
+def hidden_width(
+    path: str, module: nn.Module, root: nn.Module, hidden_size: int | None = None
+) -> int:
+    """The width of a module's hidden state, for methods that act on its activations.
+
+    In order: ``hidden_size`` given by the spec, the width the layer kind tells, the
+    output width of the module's last Linear/Conv1D, the root's ``config.hidden_size``.
+
+    Example:
+        >>> import torch
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        >>> hidden_width("mlp", mlp, mlp)
+        4
+    """
+    if hidden_size is not None:
+        return hidden_size
+    width = output_width(module)
+    if width is not None:
+        return width
+    last = None
+    for sub in module.modules():
+        if is_linear_like(sub):
+            last = sub
+    if last is not None:
+        return output_width(last)
+    config_width = getattr(getattr(root, "config", None), "hidden_size", None)
+    if isinstance(config_width, int) and not isinstance(config_width, bool):
+        return config_width
+    raise SpecError(
+        f"cannot tell the hidden width of {path or '<root>'!r} ({type(module).__name__}): it "
+        "has no Linear layer and the model has no config.hidden_size; pass hidden_size=..."
+    )

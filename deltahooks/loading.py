@@ -1,0 +1,150 @@
+"""dh.load: attach the delta a file holds, after checking that it fits, allocating nothing
+the file has not earned.
+
+The delta is planned on the ``meta`` device from the file's hyperparameters and the
+model's layer widths, the plan is compared with the shapes in the safetensors header,
+and only then are tensors read (a header claiming ``r = 2**40`` costs nothing to refuse).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attach import NAME_PATTERN, attach_with_state, plan
+from .errors import DeltaError, DeltaFileError
+from .io import FLOAT_DTYPES, read_header, read_tensors, stored_layout
+from .spec import METHODS, DeltaSpec
+from .targets import Paths
+
+
+def specs_from_header(header: dict[str, Any]) -> list[DeltaSpec]:
+    """The specs a file's header describes, each targeting exactly its recorded paths."""
+    specs = []
+    for part in header["parts"]:
+        method = part["method"]
+        if method not in METHODS:
+            raise DeltaFileError(
+                f"the file uses method {method!r}, which this deltahooks does not know "
+                f"(known: {sorted(METHODS)}); upgrade deltahooks"
+            )
+        try:
+            specs.append(METHODS[method](targets=Paths(part["paths"]), **part["hyperparameters"]))
+        except (TypeError, ValueError, AttributeError) as err:  # SpecError is a ValueError
+            raise DeltaFileError(
+                f"the {method} hyperparameters in the file are invalid: {err}"
+            ) from None
+    return specs
+
+
+def load(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    freeze_base: bool = True,
+    allow_nonfinite: bool = False,
+):
+    """Attach the delta stored at ``path`` to ``model``, weights included.
+
+    Nothing changes unless every module path, tensor shape and dtype fits.
+
+    Example:
+        >>> import os, tempfile, torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> path = os.path.join(tempfile.mkdtemp(), "lora.safetensors")
+        >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
+        >>> dh.detach(model)
+        >>> delta = dh.load(model, path)
+        >>> delta.paths
+        ['0']
+    """
+    where = os.fspath(path)
+    header = read_header(path)
+    specs = specs_from_header(header)
+    paths = [p for part in header["parts"] for p in part["paths"]]
+    missing = [p for p in paths if not _has_module(model, p)]
+    if missing:
+        raise DeltaFileError(
+            f"{where!r} was made for another model: module paths {missing[:5]} do not exist "
+            f"in {type(model).__name__}{_prefix_hint(model, paths)}"
+        )
+    if name is None:
+        name = header.get("name", "default")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise DeltaFileError(f"{where!r}: the stored delta name {name!r} is invalid")
+    # Plan on the meta device and compare with what the file stores before allocating
+    # anything: a header that claims a huge rank or width costs nothing to refuse.
+    try:
+        planned = plan(model, tuple(specs), device="meta").tensors()
+    except DeltaError as err:
+        raise DeltaFileError(f"{where!r} does not fit this model: {err}") from None
+    _check_layout(where, stored_layout(where), planned)
+    tensors = read_tensors(where)  # no larger than the file itself
+    if not allow_nonfinite:
+        _check_finite(where, tensors)
+    return attach_with_state(model, specs, tensors, name=name, freeze_base=freeze_base)
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _prefix_hint(model: nn.Module, paths: list[str]) -> str:
+    """Why paths are missing when the file fits a model that contains, or is inside, this one."""
+    known = {p for p, _ in model.named_modules()}
+    if not paths or "" in paths:
+        return ""
+    pieces = paths[0].split(".")
+    for depth in range(1, len(pieces)):
+        prefix = ".".join(pieces[:depth]) + "."
+        if all(p.startswith(prefix) and p[len(prefix) :] in known for p in paths):
+            return (
+                f". Its paths all start with {prefix!r}: it was saved from a model that holds "
+                f"this one as {prefix[:-1]!r}; load it into that outer model instead"
+            )
+    suffix = "." + paths[0]
+    for inner in sorted((k[: -len(suffix)] for k in known if k.endswith(suffix)), key=len):
+        if all(f"{inner}.{p}" in known for p in paths):
+            return (
+                f". The paths exist under {inner!r}: it was saved from that submodule; load it "
+                f"with dh.load(model.get_submodule({inner!r}), path)"
+            )
+    return ""
+
+
+def _check_layout(where: str, stored: dict, planned: dict[str, torch.Tensor]) -> None:
+    """The file's tensors are exactly the planned ones, shape for shape, float for float."""
+    missing = [k for k in planned if k not in stored]
+    extra = [k for k in stored if k not in planned]
+    if missing or extra:
+        raise DeltaFileError(
+            f"{where!r}: tensors do not match its own spec: missing {missing[:5]}, extra {extra[:5]}"
+        )
+    for key, want in planned.items():
+        shape, dtype = stored[key]
+        if shape != list(want.shape):
+            raise DeltaFileError(
+                f"{where!r}: tensor {key!r} has shape {shape}, but the model needs "
+                f"{list(want.shape)}"
+            )
+        if (dtype in FLOAT_DTYPES) != want.is_floating_point():
+            raise DeltaFileError(
+                f"{where!r}: tensor {key!r} has dtype {dtype}, the model needs {want.dtype}"
+            )
+
+
+def _check_finite(where: str, tensors: dict[str, torch.Tensor]) -> None:
+    for key, have in tensors.items():
+        if have.is_floating_point() and have.numel() and not bool(torch.isfinite(have).all()):
+            raise DeltaFileError(
+                f"{where!r}: tensor {key!r} contains NaN or Inf; pass allow_nonfinite=True "
+                "to load it anyway"
+            )

@@ -1,0 +1,121 @@
+"""``torch.nn.utils.parametrize`` without its side effects on the base model's keys.
+
+torch moves a parametrized ``weight`` to ``parametrizations.weight.original``: the
+module's ``state_dict`` keys change, their order changes, and a base checkpoint no
+longer loads with ``strict=True``. Here one parametrization is added or removed at a
+time (others', the user's included, are left alone), and while deltahooks keeps any on a
+module, one pair of state-dict hooks maps the keys back: the base model saves and loads
+exactly the keys it had, in the order it had them. Removing the last one restores the
+module's own parameter order too, so detach leaves ``_parameters`` as it found it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+_BOOK = "_deltahooks_keys"
+
+
+class KeyBook:
+    """What a module looked like before deltahooks parametrized it, and the key-mapping hooks.
+
+    It lives in the instance ``__dict__`` of the module's ``parametrizations`` container,
+    which torch creates with the first parametrization and deletes with the last, so the
+    base module itself gains no attribute.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.parameter_order = list(module._parameters)
+        self.buffer_order = list(module._buffers)
+        self.direct_keys = [
+            name
+            for name in (*module._parameters, *module._buffers)
+            if name not in module._non_persistent_buffers_set
+        ]
+        self.attrs: set[str] = set()  # tensors whose keys deltahooks maps back
+        self.functions: dict[str, list[nn.Module]] = {}  # deltahooks' parametrizations
+        self.handles: list = []
+
+    def save_hook(self, module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+        """Rename ``parametrizations.<attr>.original`` back to ``<attr>``, in its old place."""
+        renames = {
+            f"{prefix}parametrizations.{attr}.original": f"{prefix}{attr}" for attr in self.attrs
+        }
+        if not any(key in state for key in renames):
+            return
+        subtree = {key: state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
+        subtree = {renames.get(key, key): value for key, value in subtree.items()}
+        for name in self.direct_keys:  # the module's own tensors first, in their old order
+            key = prefix + name
+            if key in subtree:
+                state[key] = subtree.pop(key)
+        state.update(subtree)  # then its children, as they came
+
+    def load_hook(self, module: nn.Module, state: dict, prefix: str, *args) -> None:
+        """Accept a base checkpoint's ``<attr>`` for the parametrized original."""
+        for attr in self.attrs:
+            key = prefix + attr
+            if key in state:
+                state[f"{prefix}parametrizations.{attr}.original"] = state.pop(key)
+
+
+def _book(module: nn.Module) -> KeyBook | None:
+    container = module._modules.get("parametrizations")
+    return None if container is None else container.__dict__.get(_BOOK)
+
+
+def add(module: nn.Module, attr: str, function: nn.Module) -> None:
+    """Parametrize ``module.<attr>`` by ``function`` (appended after any existing one)."""
+    book = _book(module) or KeyBook(module)
+    was_parametrized = parametrize.is_parametrized(module, attr)
+    parametrize.register_parametrization(module, attr, function, unsafe=True)
+    container = module._modules["parametrizations"]
+    if _BOOK not in container.__dict__:
+        container.__dict__[_BOOK] = book
+        book.handles = [
+            module.register_state_dict_post_hook(book.save_hook),
+            module.register_load_state_dict_pre_hook(book.load_hook),
+        ]
+    book.functions.setdefault(attr, []).append(function)
+    if not was_parametrized:  # someone else's parametrization keeps torch's keys
+        book.attrs.add(attr)
+
+
+def remove(module: nn.Module, attr: str, function: nn.Module) -> None:
+    """Remove exactly ``function`` from ``module.<attr>``'s parametrizations."""
+    book = _book(module)
+    chain = module.parametrizations[attr]
+    index = next(i for i, f in enumerate(chain) if f is function)
+    if book is not None:
+        owned = book.functions.get(attr, [])
+        owned[:] = [f for f in owned if f is not function]
+        if not owned:
+            book.functions.pop(attr, None)
+    if len(chain) > 1:
+        del chain[index]
+    else:
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        if book is not None:
+            _reorder(module._parameters, book.parameter_order)
+            _reorder(module._buffers, book.buffer_order)
+    if book is None or attr in book.functions:
+        return
+    book.attrs.discard(attr)
+    if not book.functions:  # deltahooks keeps no parametrization here any more
+        for handle in book.handles:
+            handle.remove()
+        book.handles = []
+        container = module._modules.get("parametrizations")
+        if container is not None:
+            container.__dict__.pop(_BOOK, None)
+
+
+def _reorder(store: dict, order: list[str]) -> None:
+    """Put ``store``'s keys back in ``order`` (keys it does not name keep their place after)."""
+    items = dict(store)
+    store.clear()
+    for name in order:
+        if name in items:
+            store[name] = items.pop(name)
+    store.update(items)
