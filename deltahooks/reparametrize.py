@@ -11,6 +11,8 @@ module's own parameter order too, so detach leaves ``_parameters`` as it found i
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -74,8 +76,9 @@ def add(module: nn.Module, attr: str, function: nn.Module) -> None:
     if _BOOK not in container.__dict__:
         container.__dict__[_BOOK] = book
         book.handles = [
-            module.register_state_dict_post_hook(book.save_hook),
-            module.register_load_state_dict_pre_hook(book.load_hook),
+            # partials, not bound methods: torch marks the hook object with an attribute
+            module.register_state_dict_post_hook(partial(KeyBook.save_hook, book)),
+            module.register_load_state_dict_pre_hook(partial(KeyBook.load_hook, book)),
         ]
     book.functions.setdefault(attr, []).append(function)
     if not was_parametrized:  # someone else's parametrization keeps torch's keys

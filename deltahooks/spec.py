@@ -112,6 +112,26 @@ class DeltaSpec:
         }
 
 
+def tensor_options(module: nn.Module, device: DeviceLike = None) -> dict[str, Any]:
+    """``device``/``dtype`` for a new delta tensor of ``module``: next to its first floating
+    tensor (or on ``device``, e.g. ``"meta"`` for a plan).
+
+    Example:
+        >>> import torch
+        >>> tensor_options(torch.nn.Linear(2, 2).double(), "meta")
+        {'device': 'meta', 'dtype': torch.float64}
+    """
+    first = next(
+        (t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None
+    )
+    options: dict[str, Any] = {}
+    if first is not None:
+        options = {"device": first.device, "dtype": first.dtype}
+    if device is not None:
+        options["device"] = device
+    return options
+
+
 TensorKey = tuple[str, str]  # (owner module path, local name)
 MergeFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 

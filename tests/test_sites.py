@@ -1,0 +1,261 @@
+"""The method seam: each site kind, driven by small methods defined here as a user would.
+
+Every site must give the intended output, train only the delta, save/load exactly,
+merge bit-exactly where the method says how, and detach to the bit-identical model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import partial
+
+import pytest
+import torch
+from model_checks import assert_outputs_equal, assert_restored, snapshot
+from torch import nn
+
+import deltahooks as dh
+from deltahooks.merging import stored
+
+
+def scale_output(module, x, y, tensors, writable):
+    (gain,) = tensors
+    return y * gain
+
+
+def scale_input(module, x, tensors):
+    (gain,) = tensors
+    return x * gain
+
+
+def shift_weight(weight, tensors):
+    (shift,) = tensors
+    return weight + shift
+
+
+def merge_shift(module, tensors):
+    return {"weight": stored(module, "weight") + tensors["shift"]}
+
+
+def add_to_kwarg(name, root, args, kwargs, tensors):
+    (offset,) = tensors
+    return (args[0] + offset, *args[1:]), kwargs
+
+
+def scale_by_shared(module, x, y, tensors, writable):
+    own, common = tensors
+    return y * own * common
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class OutputGain(dh.DeltaSpec):
+    method = "test_output_gain"
+
+    def make_part(self, path, module, root, *, device=None):
+        width = dh.layers.output_width(module)
+        gain = torch.ones(width, device=device or module.weight.device)
+        if device is None:
+            gain.add_(0.5)
+        return dh.Part(path, {"gain": gain}, [dh.OutputSite(scale_output, ("gain",))])
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class InputGain(dh.DeltaSpec):
+    method = "test_input_gain"
+
+    def make_part(self, path, module, root, *, device=None):
+        gain = torch.full((module.in_features,), 2.0, device=device or module.weight.device)
+        return dh.Part(path, {"gain": gain}, [dh.InputSite(scale_input, ("gain",))])
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class WeightShift(dh.DeltaSpec):
+    method = "test_weight_shift"
+    value: float = 0.25
+
+    def make_part(self, path, module, root, *, device=None):
+        shift = torch.full_like(module.weight, self.value, device=device or module.weight.device)
+        return dh.Part(
+            path,
+            {"shift": shift},
+            [dh.WeightSite(shift_weight, "weight", ("shift",))],
+            merge=merge_shift,
+        )
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class InputOffset(dh.DeltaSpec):
+    """A root-call site: the model is called with ``x + offset``."""
+
+    method = "test_input_offset"
+    width: int = 4
+
+    def make_part(self, path, module, root, *, device=None):
+        offset = torch.full((self.width,), 1.0, device=device)
+        return dh.Part(
+            path, {"offset": offset}, [dh.RootCallSite(partial(add_to_kwarg, "x"), ("offset",))]
+        )
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class SharedGain(dh.DeltaSpec):
+    method = "test_shared_gain"
+
+    def make_shared(self, root, targets, *, device=None):
+        return {"common_gain": torch.full((), 3.0, device=device)}
+
+    def make_part(self, path, module, root, *, device=None):
+        own = torch.full((module.out_features,), 2.0, device=device)
+        return dh.Part(
+            path,
+            {"gain": own},
+            [dh.OutputSite(scale_by_shared, ("gain", "common_gain"))],
+        )
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+def make():
+    torch.manual_seed(0)
+    return Net().eval(), torch.randn(5, 4)
+
+
+def round_trip(model, delta, x, tmp_path):
+    """Save, load on a fresh model: same outputs; detach both: the original model."""
+    path = tmp_path / "d.safetensors"
+    delta.save(path)
+    fresh, _ = make()
+    loaded = dh.load(fresh, path)
+    assert_outputs_equal(fresh(x), model(x))
+    loaded.detach()
+
+
+def test_output_site(tmp_path):
+    model, x = make()
+    before, base = snapshot(model), model(x)
+    delta = dh.attach(model, OutputGain(targets=["a"]))
+    expected = model.b(model.norm(nn.functional.linear(x, model.a.weight, model.a.bias) * 1.5))
+    torch.testing.assert_close(model(x), expected)
+    round_trip(model, delta, x, tmp_path)
+    with pytest.raises(dh.UnsupportedOperationError, match="test_output_gain on 'a'"):
+        model.eval()
+        delta.merge()
+    delta.detach()
+    assert_restored(model, before)
+    assert_outputs_equal(model(x), base)
+
+
+def test_input_site_and_gradients_reach_only_the_delta():
+    model, x = make()
+    before = snapshot(model)
+    delta = dh.attach(model, InputGain(targets=["b"]))
+    with delta.disabled():
+        expected = model.b(model.norm(model.a(x)) * 2)
+    torch.testing.assert_close(model(x), expected)
+    model(x).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["b.dh__default__gain"]
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_weight_site_keeps_the_base_keys_and_order_while_attached(tmp_path):
+    model, x = make()
+    before = snapshot(model)
+    checkpoint = copy.deepcopy(model.state_dict())
+    base_keys = list(checkpoint)
+    delta = dh.attach(model, WeightShift(targets=["a", "norm"]))
+    assert [k for k in model.state_dict() if "dh__" not in k] == base_keys
+    model.load_state_dict(checkpoint, strict=True)  # a base checkpoint loads as before
+    expected_a = nn.functional.linear(x, checkpoint["a.weight"] + 0.25, checkpoint["a.bias"])
+    torch.testing.assert_close(model.a(x), expected_a)
+    with delta.disabled():
+        base = nn.functional.linear(x, checkpoint["a.weight"], checkpoint["a.bias"])
+        torch.testing.assert_close(model.a(x), base)
+    hooked = model(x)
+    round_trip(model, delta, x, tmp_path)
+    delta.merge()
+    assert_outputs_equal(model(x), hooked)  # fp32: W + s computed once either way
+    assert list(model.state_dict()) == list(snapshot(model).keys)
+    delta.unmerge()
+    assert_outputs_equal(model(x), hooked)
+    delta.detach()
+    assert_restored(model, before, same_hook_ids=False)
+    assert type(model.a) is nn.Linear and type(model.norm) is nn.LayerNorm
+
+
+@pytest.mark.parametrize("order", ["first-in-first-out", "last-in-first-out"])
+def test_two_weight_sites_on_one_weight_detach_in_either_order(order):
+    model, x = make()
+    before, base = snapshot(model), model(x)
+    one = dh.attach(model, WeightShift(targets=["a"], value=0.25), name="one")
+    two = dh.attach(model, WeightShift(targets=["a"], value=0.5), name="two")
+    expected = nn.functional.linear(x, before.values["a.weight"] + 0.75, before.values["a.bias"])
+    torch.testing.assert_close(model.a(x), expected)
+    first, second = (one, two) if order == "first-in-first-out" else (two, one)
+    first.detach()
+    assert list(model.state_dict())[:2] == ["a.weight", "a.bias"]
+    second.detach()
+    assert_restored(model, before)
+    assert_outputs_equal(model(x), base)
+
+
+def test_a_users_own_parametrization_keeps_its_keys():
+    model, x = make()
+    torch.nn.utils.parametrize.register_parametrization(model.b, "weight", nn.Identity())
+    before = snapshot(model)
+    delta = dh.attach(model, WeightShift(targets=["b"]))
+    # torch's keys for the user's own parametrization, as before
+    assert [k for k in model.state_dict() if "dh__" not in k] == before.keys
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_root_call_site():
+    model, x = make()
+    before = snapshot(model)
+    delta = dh.attach(model, InputOffset(targets=dh.Paths([""])))
+    with delta.disabled():
+        shifted = model(x + 1)
+    torch.testing.assert_close(model(x), shifted)
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_shared_tensors_are_stored_once(tmp_path):
+    model, x = make()
+    before = snapshot(model)
+    delta = dh.attach(model, SharedGain(targets=["a", "b"]))
+    assert sorted(delta.state_dict()) == ["a.gain", "b.gain", "common_gain"]
+    assert list(delta.shared) == ["common_gain"]
+    with delta.disabled():
+        a = model.a(x)
+    torch.testing.assert_close(model.a(x), a * 6)
+    round_trip(model, delta, x, tmp_path)
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_a_weight_site_survives_deepcopy_and_detaches_on_the_copy():
+    model, x = make()
+    dh.attach(model, WeightShift(targets=["a"]))
+    twin = copy.deepcopy(model)
+    assert_outputs_equal(twin(x), model(x))
+    dh.detach(twin)
+    assert type(twin.a) is nn.Linear and list(twin.state_dict())[:2] == ["a.weight", "a.bias"]
+    fresh, _ = make()
+    assert_outputs_equal(twin(x), fresh(x))
