@@ -215,7 +215,7 @@ def test_two_weight_sites_on_one_weight_detach_in_either_order(order):
 
 
 def test_a_users_own_parametrization_keeps_its_keys():
-    model, x = make()
+    model, _ = make()
     torch.nn.utils.parametrize.register_parametrization(model.b, "weight", nn.Identity())
     before = snapshot(model)
     delta = dh.attach(model, WeightShift(targets=["b"]))
