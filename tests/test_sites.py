@@ -259,3 +259,98 @@ def test_a_weight_site_survives_deepcopy_and_detaches_on_the_copy():
     assert type(twin.a) is nn.Linear and list(twin.state_dict())[:2] == ["a.weight", "a.bias"]
     fresh, _ = make()
     assert_outputs_equal(twin(x), fresh(x))
+
+
+# --------------------------------------------------- every site on a real model
+def embed_with_offset(root, args, kwargs, tensors):
+    """A root-call site on a transformers model: ids become embeddings plus an offset."""
+    (offset,) = tensors
+    kwargs = dict(kwargs)
+    ids = kwargs.pop("input_ids") if "input_ids" in kwargs else args[0]
+    kwargs["inputs_embeds"] = root.get_input_embeddings()(ids) + offset
+    return (), kwargs
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class EmbedOffset(dh.DeltaSpec):
+    method = "test_embed_offset"
+
+    def make_part(self, path, module, root, *, device=None):
+        width = root.get_input_embeddings().embedding_dim
+        offset = torch.zeros(width, **dh.spec.tensor_options(module, device))
+        if device is None:
+            offset.normal_()
+        return dh.Part(path, {"offset": offset}, [dh.RootCallSite(embed_with_offset, ("offset",))])
+
+
+SITES_ON_LLAMA = {
+    "output (tuple outputs of decoder layers)": lambda: OutputGain(
+        targets="re:.*\\.mlp\\.down_proj"
+    ),
+    "output on a decoder layer": lambda: DecoderGain(targets="re:model\\.layers\\.\\d+"),
+    "input": lambda: InputGain(targets="down_proj"),
+    "weight": lambda: WeightShift(targets=["o_proj", "input_layernorm"], value=0.01),
+    "root call": lambda: EmbedOffset(targets=dh.Paths([""])),
+}
+
+
+def scale_hidden(module, x, y, tensors, writable):
+    (gain,) = tensors
+    return y * gain
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class DecoderGain(dh.DeltaSpec):
+    method = "test_decoder_gain"
+
+    def make_part(self, path, module, root, *, device=None):
+        width = dh.layers.hidden_width(path, module, root)
+        gain = torch.full((width,), 1.0, **dh.spec.tensor_options(module, device))
+        if device is None:
+            gain.uniform_(0.5, 1.5)
+        return dh.Part(path, {"gain": gain}, [dh.OutputSite(scale_hidden, ("gain",))])
+
+
+def tiny_llama():
+    from tiny_models import llama
+
+    torch.manual_seed(0)
+    model, inputs = llama()
+    return model.eval(), inputs["input_ids"]
+
+
+@pytest.mark.parametrize("site", list(SITES_ON_LLAMA))
+def test_every_site_compiles_without_graph_breaks(site):
+    import torch._dynamo as dynamo
+
+    model, ids = tiny_llama()
+    delta = dh.attach(model, SITES_ON_LLAMA[site]())
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # a graph break raises
+    with torch.no_grad():
+        eager = model(ids).logits
+        torch.testing.assert_close(compiled(ids).logits, eager)
+        with delta.disabled():
+            base = model(ids).logits
+            torch.testing.assert_close(compiled(ids).logits, base)
+        assert not torch.allclose(base, eager)
+    dynamo.reset()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("site", list(SITES_ON_LLAMA))
+def test_every_site_trains_under_gradient_checkpointing(site, reentrant):
+    grads = []
+    for checkpointing in (False, True):
+        model, ids = tiny_llama()
+        delta = dh.attach(model, SITES_ON_LLAMA[site]())
+        model.train()
+        if checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model(ids).logits.pow(2).mean().backward()
+        grads.append({name: p.grad for name, p in delta.named_parameters()})
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)
