@@ -22,9 +22,10 @@ from .errors import (
 )
 from .interop.peft import load_peft
 from .loading import load
+from .merging import stored
 from .methods import Adapter, Full, LoRA
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
-from .spec import DeltaSpec, Part, register_method
+from .spec import DeltaSpec, Part, register_method, tensor_options
 from .summary import summary
 from .targets import Paths, resolve_targets
 
@@ -58,5 +59,7 @@ __all__ = [
     "load_peft",
     "register_method",
     "resolve_targets",
+    "stored",
     "summary",
+    "tensor_options",
 ]
