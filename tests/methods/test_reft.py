@@ -5,11 +5,15 @@ formula) on plain modules and tiny transformers models."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch._dynamo as dynamo
+from memory_limits import growth_limit
 from model_checks import assert_outputs_equal, assert_restored, snapshot
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
@@ -485,3 +489,33 @@ def test_an_output_without_a_sequence_dimension_is_refused_by_name():
     dh.attach(model, dh.ReFT(targets=["0"], rank=2))
     with pytest.raises(dh.UnsupportedModuleError, match=r"Vector returned shape \(4,\)"):
         model(torch.randn(3, 4))
+
+
+class Block(nn.Module):
+    """A layer-like module: its width is not a layer kind's, so hidden_size cannot be checked."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return (self.inner(x) + x,)
+
+
+@pytest.mark.parametrize(
+    "key, lie", [("rank", 2**40), ("rank", 0), ("hidden_size", 10**8), ("positions", "f0")]
+)
+def test_a_file_that_lies_about_its_hyperparameters_is_refused_cheaply(tmp_path, key, lie):
+    model = nn.Sequential(Block())
+    dh.attach(model, dh.ReFT(targets=["0"], rank=2)).save(tmp_path / "honest.safetensors")
+    with safe_open(str(tmp_path / "honest.safetensors"), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        meta = handle.metadata()
+    header = json.loads(meta["delta"])
+    header["parts"][0]["hyperparameters"][key] = lie
+    save_file(tensors, str(tmp_path / "lie.safetensors"), {**meta, "delta": json.dumps(header)})
+    dh.detach(model)
+    before = snapshot(model)
+    with growth_limit(50 * 2**20), pytest.raises(dh.DeltaFileError):
+        dh.load(model, tmp_path / "lie.safetensors")
+    assert_restored(model, before)
