@@ -65,8 +65,9 @@ class ReFT(DeltaSpec):
     free. It replaces the part of ``h`` in the subspace spanned by ``R`` with
     ``Wh + b``. Other positions pass through untouched, bit for bit. The base model is
     frozen; targets are usually whole transformer layers (pyreft's ``block_output``:
-    ``targets="layers.*"`` on Llama, ``"encoder.layer.*"`` on BERT, ``"h.*"`` on GPT-2),
-    but any module whose output is ``(..., sequence, hidden)`` works.
+    ``targets="re:.*layers\\.\\d+"`` on Llama, ``"re:.*encoder\\.layer\\.\\d+"`` on BERT;
+    a glob such as ``"layers.*"`` would also match every submodule of the layers), but
+    any module whose output is ``(..., sequence, hidden)`` works.
 
     ``R`` is never stored: the delta stores ``reft_R_householder`` (hidden × rank), the
     unconstrained tensor of ``torch.nn.utils.parametrizations.orthogonal`` with
@@ -75,7 +76,8 @@ class ReFT(DeltaSpec):
     (:func:`rotation`). So ``R`` stays orthonormal after any optimizer step (weight
     decay included), and a saved file reproduces it exactly. pyreft uses torch's
     default ``use_trivialization=True``, whose extra hidden × hidden buffer per target
-    would not fit a small delta file; both start from the same random orthogonal ``R``.
+    would not fit a small delta file; both draw the starting ``R`` with
+    ``torch.nn.init.orthogonal_``.
     ``delta.merge()`` raises :class:`deltahooks.UnsupportedOperationError`: the update
     depends on the token position. Every argument is keyword-only and checked when the
     spec is created.
