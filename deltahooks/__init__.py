@@ -23,7 +23,7 @@ from .errors import (
 from .interop.peft import load_peft
 from .loading import load
 from .merging import stored
-from .methods import Adapter, Full, LoRA
+from .methods import Adapter, Full, LoRA, ReFT
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
 from .summary import summary
@@ -45,6 +45,7 @@ __all__ = [
     "OutputSite",
     "Part",
     "Paths",
+    "ReFT",
     "RedirectSite",
     "RootCallSite",
     "SpecError",
