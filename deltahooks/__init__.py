@@ -22,7 +22,7 @@ from .errors import (
 )
 from .interop.peft import load_peft
 from .loading import load
-from .methods import Adapter, Full, LoRA
+from .methods import Adapter, Full, LoRA, ParallelAdapter
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method
 from .summary import summary
@@ -42,6 +42,7 @@ __all__ = [
     "InputSite",
     "LoRA",
     "OutputSite",
+    "ParallelAdapter",
     "Part",
     "Paths",
     "RedirectSite",

@@ -3,5 +3,6 @@
 from .adapter import Adapter
 from .full import Full
 from .lora import LoRA
+from .parallel_adapter import ParallelAdapter
 
-__all__ = ["Adapter", "Full", "LoRA"]
+__all__ = ["Adapter", "Full", "LoRA", "ParallelAdapter"]
