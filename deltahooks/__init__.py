@@ -22,7 +22,7 @@ from .errors import (
 )
 from .interop.peft import load_peft
 from .loading import load
-from .methods import Adapter, Full, LoRA, ParallelAdapter
+from .methods import Adapter, Full, LoRA, LowRankAdapter, ParallelAdapter
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method
 from .summary import summary
@@ -41,6 +41,7 @@ __all__ = [
     "Full",
     "InputSite",
     "LoRA",
+    "LowRankAdapter",
     "OutputSite",
     "ParallelAdapter",
     "Part",

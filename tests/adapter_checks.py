@@ -7,6 +7,7 @@ models (and plain torch modules); each check builds its model afresh from a seed
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,22 @@ from model_checks import assert_outputs_equal, assert_restored, snapshot
 from torch import nn
 
 import deltahooks as dh
+
+
+class Logits(nn.Module):
+    """A plain torch module that answers like a transformers model (``.logits``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return SimpleNamespace(logits=self.inner(x))
+
+
+def plain(make_module, *shape):
+    """A model builder for the checks from a plain torch module and an input shape."""
+    return lambda: (Logits(make_module()), {"x": torch.randn(*shape)})
 
 
 def build(make):

@@ -3,6 +3,7 @@
 from .adapter import Adapter
 from .full import Full
 from .lora import LoRA
+from .low_rank_adapter import LowRankAdapter
 from .parallel_adapter import ParallelAdapter
 
-__all__ = ["Adapter", "Full", "LoRA", "ParallelAdapter"]
+__all__ = ["Adapter", "Full", "LoRA", "LowRankAdapter", "ParallelAdapter"]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from adapter_checks import check_checkpointing, check_compile, check_lifecycle, check_refused
+from adapter_checks import (
+    check_checkpointing,
+    check_compile,
+    check_lifecycle,
+    check_refused,
+    plain,
+)
 from torch import nn
 
 import deltahooks as dh
@@ -95,22 +101,8 @@ def test_lifecycle_on_tiny_transformers(name, tmp_path):
 
 
 def test_lifecycle_on_plain_torch(tmp_path):
-    def make():
-        model = make_model()
-        return _Logits(model), {"x": torch.randn(4, 6)}
-
-    check_lifecycle(make, dh.ParallelAdapter(targets=["0", "1", "2"], bottleneck=2), tmp_path)
-
-
-class _Logits(nn.Module):
-    """A plain model that answers like a transformers one (``.logits``)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.inner(x))
+    spec = dh.ParallelAdapter(targets=["0", "1", "2"], bottleneck=2)
+    check_lifecycle(plain(make_model, 4, 6), spec, tmp_path)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
