@@ -1,9 +1,10 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
 from .adapter import Adapter
+from .compacter import Compacter
 from .full import Full
 from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
 from .parallel_adapter import ParallelAdapter
 
-__all__ = ["Adapter", "Full", "LoRA", "LowRankAdapter", "ParallelAdapter"]
+__all__ = ["Adapter", "Compacter", "Full", "LoRA", "LowRankAdapter", "ParallelAdapter"]
