@@ -186,7 +186,8 @@ def test_bad_inputs_are_refused_with_the_model_unchanged():
 
 
 @pytest.mark.parametrize(
-    ("key", "lie"), [("phm_dim", 2**40), ("phm_dim", 10**8), ("phm_rank", 2**40)]
+    ("key", "lie"),
+    [("phm_dim", 2**40), ("phm_dim", 10**8), ("phm_rank", 2**40), ("phm_rank", 2**62)],
 )
 def test_a_file_that_lies_about_its_sizes_is_refused_cheaply(key, lie, tmp_path):
     model = make_model()
