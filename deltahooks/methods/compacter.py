@@ -59,10 +59,11 @@ class Compacter(DeltaSpec):
             (OpenDelta ``hypercomplex_division``; the paper's best setting).
         phm_rank: the rank of each ``B_i``, a positive integer. Default ``1`` (the paper).
         shared_phm_rule: one set of rules (``n³`` numbers, delta key ``"phm_rule"``)
-            for the down and up layers of every target, as in the paper; ``False`` gives
-            each target its own ``phm_rule_down`` and ``phm_rule_up``. Default ``True``.
-        activation: ``"gelu"`` (default; OpenDelta uses the tanh approximation
-            ``gelu_new``), ``"relu"``, ``"tanh"`` or ``"silu"``.
+            for the down and up layers of every target, as in the paper. Default
+            ``True``. ``False`` (OpenDelta's default) gives each target its own
+            ``phm_rule_down`` and ``phm_rule_up``.
+        activation: ``"gelu"`` (default; the paper's code uses its tanh approximation
+            ``gelu_new``, OpenDelta ``relu``), ``"relu"``, ``"tanh"`` or ``"silu"``.
         hidden_size: the width of the target's output when the module type does not
             tell it. Default ``None``: read from the layer, else the module's last
             Linear/Conv1D, else ``config.hidden_size``, else
@@ -70,7 +71,7 @@ class Compacter(DeltaSpec):
 
     Initialisation: rules standard normal, factors drawn so that ``down`` starts with the
     variance of a default ``nn.Linear`` weight; ``up``'s ``s`` and both biases start at
-    zero, so outputs are unchanged at attach (OpenDelta draws rules N(0, 1e-4²) and
+    zero, so outputs are unchanged at attach (OpenDelta draws small normal rules and
     Glorot-uniform factors for both layers, which is not an identity).
 
     Example:

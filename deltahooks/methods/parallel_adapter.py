@@ -51,8 +51,8 @@ class ParallelAdapter(DeltaSpec):
             ``bottleneck_dim`` is 24).
         scale: a finite number multiplying the update. Default ``1.0`` (OpenDelta
             ``scaled``); He et al.'s best FFN variant uses ``4``.
-        activation: ``"relu"`` (default; He et al. and OpenDelta), ``"gelu"``,
-            ``"tanh"`` or ``"silu"``.
+        activation: ``"relu"`` (default; He et al.'s ``f``), ``"gelu"``, ``"tanh"`` or
+            ``"silu"``. OpenDelta's default is ``gelu_new`` (the tanh approximation).
         hidden_size: the width of the target's input and output when the module type
             does not tell it. Default ``None``: layer kinds tell their widths
             (``in_features``/``out_features`` of ``nn.Linear``, GPT-2 ``Conv1D``,
