@@ -23,7 +23,15 @@ from .errors import (
 from .interop.peft import load_peft
 from .loading import load
 from .merging import stored
-from .methods import Adapter, Full, LoRA, ReFT
+from .methods import (
+    Adapter,
+    Compacter,
+    Full,
+    LoRA,
+    LowRankAdapter,
+    ParallelAdapter,
+    ReFT,
+)
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
 from .summary import summary
@@ -33,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "Compacter",
     "Delta",
     "DeltaError",
     "DeltaFileError",
@@ -42,7 +51,9 @@ __all__ = [
     "Full",
     "InputSite",
     "LoRA",
+    "LowRankAdapter",
     "OutputSite",
+    "ParallelAdapter",
     "Part",
     "Paths",
     "ReFT",

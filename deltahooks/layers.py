@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import SpecError, UnsupportedModuleError
 
 LINEAR = "linear"
 CONV1D_GPT2 = "conv1d_gpt2"
@@ -133,5 +133,45 @@ def hidden_width(
         return config_width
     raise SpecError(
         f"cannot tell the hidden width of {path or '<root>'!r} ({type(module).__name__}): it "
+        "has no Linear layer and the model has no config.hidden_size; pass hidden_size=..."
+    )
+
+
+def input_width(
+    path: str, module: nn.Module, root: nn.Module, hidden_size: int | None = None
+) -> int:
+    """The width of the last dimension of a module's first input, for methods that read it.
+
+    In order: the width the layer kind tells (``in_features``, a norm's width),
+    ``hidden_size`` given by the spec, the input width of the module's first
+    Linear/Conv1D (a BERT ``output`` block reads the FFN's intermediate activations,
+    not ``config.hidden_size``), the root's ``config.hidden_size``.
+
+    Example:
+        >>> import torch
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(16, 4), torch.nn.LayerNorm(4))
+        >>> input_width("mlp", mlp, mlp)
+        16
+    """
+    kind = kind_of(module)
+    if kind in (LINEAR, CONV1D_GPT2, NORM):
+        return widths(module)[0]
+    if kind is not None:
+        raise UnsupportedModuleError(
+            f"the input of {path or '<root>'!r} ({type(module).__name__}) is not a "
+            "(..., width) tensor (token ids, or channels first); target another module"
+        )
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:  # no affine weight
+        return module.normalized_shape[-1]
+    if hidden_size is not None:
+        return hidden_size
+    first = next((sub for sub in module.modules() if is_linear_like(sub)), None)
+    if first is not None:
+        return widths(first)[0]
+    config_width = getattr(getattr(root, "config", None), "hidden_size", None)
+    if isinstance(config_width, int) and not isinstance(config_width, bool):
+        return config_width
+    raise SpecError(
+        f"cannot tell the input width of {path or '<root>'!r} ({type(module).__name__}): it "
         "has no Linear layer and the model has no config.hidden_size; pass hidden_size=..."
     )

@@ -82,6 +82,10 @@ def load(
         planned = plan(model, tuple(specs), device="meta").tensors()
     except DeltaError as err:
         raise DeltaFileError(f"{where!r} does not fit this model: {err}") from None
+    except (RuntimeError, TypeError, OverflowError) as err:  # sizes past int64, even on meta
+        raise DeltaFileError(
+            f"{where!r}: its hyperparameters ask for tensors too large to exist ({err})"
+        ) from None
     _check_layout(where, stored_layout(where), planned)
     tensors = read_tensors(where)  # no larger than the file itself
     if not allow_nonfinite:

@@ -21,7 +21,7 @@ from torch import nn
 
 import deltahooks as dh
 
-LIES = [2**40, 10**8, 20_000_000, -1, 0, 2.5, True, "8", None, [2], float("nan")]
+LIES = [2**40, 2**62, 2**64, 10**8, 20_000_000, -1, 0, 2.5, True, "8", None, [2], float("nan")]
 ALLOWED_GROWTH = 50 * 2**20
 
 

@@ -1,8 +1,11 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
 from .adapter import Adapter
+from .compacter import Compacter
 from .full import Full
 from .lora import LoRA
+from .low_rank_adapter import LowRankAdapter
+from .parallel_adapter import ParallelAdapter
 from .reft import ReFT
 
-__all__ = ["Adapter", "Full", "LoRA", "ReFT"]
+__all__ = ["Adapter", "Compacter", "Full", "LoRA", "LowRankAdapter", "ParallelAdapter", "ReFT"]

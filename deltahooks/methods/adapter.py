@@ -13,16 +13,14 @@ from functools import partial
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import validate
-from ..errors import SpecError
-from ..layers import hidden_width, output_width
+from ..layers import hidden_width
 from ..sites import OutputSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
+from ._bottleneck import ACTIVATIONS, bottleneck, check_bottleneck, check_hidden_size
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 INITS = ("default", "random")
 
 
@@ -102,23 +100,13 @@ class Adapter(DeltaSpec):
         validate.one_of("Adapter", "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        known = output_width(module)
-        if self.hidden_size is not None and known is not None and self.hidden_size != known:
-            raise SpecError(
-                f"Adapter hidden_size={self.hidden_size} does not fit {path!r} "
-                f"({type(module).__name__}), whose output is {known} wide; drop hidden_size=... "
-                "(it is read from the module)"
-            )
+        check_hidden_size("Adapter", self.hidden_size, path, module)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
         width = hidden_width(path, module, root, self.hidden_size)
-        if self.bottleneck > width:
-            raise SpecError(
-                f"Adapter bottleneck={self.bottleneck} is larger than the hidden size {width} of "
-                f"{path!r}: a bottleneck must be narrower than its input; use bottleneck <= {width}"
-            )
+        check_bottleneck("Adapter", self.bottleneck, width, path)
         weight = next(module.parameters(), None)
         like = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
         if device is not None:
@@ -147,6 +135,4 @@ class Adapter(DeltaSpec):
 
 def residual(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
     """``y + s · up(act(down(y)))``."""
-    down, down_bias, up, up_bias = tensors
-    hidden = ACTIVATIONS[activation](F.linear(y, down, down_bias))
-    return y + F.linear(hidden, up, up_bias) * scale
+    return bottleneck(activation, scale, y, y, *tensors)
