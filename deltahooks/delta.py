@@ -265,6 +265,7 @@ class Delta(nn.Module):
         refused = [p for p in self._parts if p.merge_fn is None]
         if refused:  # before anything changes
             refused[0].merge(self._ledger, self.specs[refused[0].spec_index].method)
+        self._check_exclusive_merges()
         done = []
         try:  # merges write the stored tensors, under any redirect or parametrization
             for part in sorted(self._parts, key=lambda p: p.merge_order):
@@ -279,6 +280,23 @@ class Delta(nn.Module):
         for part in self._parts:  # then the sites go: the weights alone compute the delta
             part.remove_sites(self._ledger)
         self.__dict__["_guard"] = self._ledger.forward_pre_hook("", MergedGuard(self._switch))
+
+    def _check_exclusive_merges(self) -> None:
+        registry = registry_of(self._root)
+        others = [d for d in (registry.deltas.values() if registry else ()) if d is not self]
+        for part in self._parts:
+            if not part.exclusive_merge:
+                continue
+            for other in others:
+                if not other.merged and any(p.path == part.path for p in other._parts):
+                    method = self.specs[part.spec_index].method
+                    raise DeltaStateError(
+                        f"cannot merge delta {self.name!r}: its {method} update on "
+                        f"{part.path or '<root>'!r} scales the layer, and delta {other.name!r} "
+                        "also acts there unmerged, so folding the scale into the weights would "
+                        f"change the output; merge or detach {other.name!r} first, or keep "
+                        f"{self.name!r} unmerged"
+                    )
 
     def unmerge(self) -> None:
         """Put the original weights back exactly (restored, not subtracted)."""

@@ -152,6 +152,12 @@ class Part:
             shared) names to the live tensors. None: the method cannot merge.
         cannot_merge: why not, for the error when ``merge`` is None.
         merge_order: parts that replace a tensor (0) merge before those that add to it (1).
+        exclusive_merge: the merged update is exact only when no other unmerged delta acts
+            on the same module (true of updates that scale the layer, like IA3: folding a
+            scale into the weights would also scale, or stop scaling, what the other
+            delta adds). Additive updates (LoRA, BitFit) commute with everything and leave
+            it False; their output sites use ``prepend=True`` so they count as part of the
+            layer for every other hook.
     """
 
     def __init__(
@@ -163,6 +169,7 @@ class Part:
         merge: MergeFn | None = None,
         cannot_merge: str = "",
         merge_order: int = 1,
+        exclusive_merge: bool = False,
     ) -> None:
         self.path = path
         self.tensors: dict[TensorKey, tuple[torch.Tensor, bool]] = {}
@@ -173,6 +180,7 @@ class Part:
         self.merge_fn = merge
         self.cannot_merge = cannot_merge
         self.merge_order = merge_order
+        self.exclusive_merge = exclusive_merge
         self.spec_index = 0  # which spec of its Delta made it
         self.entries: list[TensorEntry] = []  # the ledger entries holding this part's tensors
         self.merges: list[Merged] = []  # what merge() swapped in, for unmerge()

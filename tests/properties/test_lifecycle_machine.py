@@ -37,6 +37,13 @@ from torch import nn
 import deltahooks as dh
 
 NAMES = ["a", "b", "c"]
+HAND_WRITTEN = {"lora", "full", "adapter"}  # the reference spells these out itself
+OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
+    "compacter": lambda paths: dh.Compacter(targets=paths, reduction_factor=2, phm_dim=2),
+    "low_rank_adapter": lambda paths: dh.LowRankAdapter(targets=paths, reduction_factor=2),
+    "parallel_adapter": lambda paths: dh.ParallelAdapter(targets=paths, bottleneck=1, scale=0.5),
+    "reft": lambda paths: dh.ReFT(targets=paths, rank=1, positions="f1+l1"),
+}
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3, torch.bfloat16: 0.1}
 
 
@@ -151,32 +158,39 @@ class Lifecycle(RuleBasedStateMachine):
         return dh.deltas(self.model)
 
     def reference(self, deltas) -> torch.Tensor:
+        """The output the model must give with ``deltas`` (enabled ones), built from scratch.
+
+        LoRA, Full and Adapter are written out by hand from their papers (weights edited,
+        plain hooks). Every other method is attached fresh to the pristine copy, in attach
+        order, with the same tensors: an oracle for the lifecycle (merges, toggles, copies,
+        files and dtype trips must not change what a delta computes), while each method's
+        own math is checked against its formula in tests/methods.
+        """
         ref = copy.deepcopy(self.pristine)
         updates = []
-        adapters = []
+        later = []  # (kind, ...) in attach order: hand-written hooks and fresh attaches
         with torch.no_grad():
             for name, delta in deltas.items():
                 if not delta.enabled:
                     continue
                 state = delta.state_dict()
-                for spec in self.specs[name]:
-                    for view in delta.parts:
-                        method, path = view.method, view.path
-                        if method != spec.method:
-                            continue
-                        if method == "full":
-                            for key, value in state.items():
+                for index, spec in enumerate(self.specs[name]):
+                    views = [v for v in delta.parts if v.spec_index == index]
+                    if spec.method not in HAND_WRITTEN:
+                        later.append(("attach", f"{name}_{index}", spec, state))
+                        continue
+                    for view in views:
+                        path = view.path
+                        if spec.method == "full":
+                            for key, value in view.tensors.items():
                                 owner, _, attr = key.rpartition(".")
-                                if (
-                                    owner == path or owner.startswith(path + ".") or not path
-                                ) and not attr.startswith(("lora_", "adapter_")):
-                                    untied(ref.get_submodule(owner), attr).copy_(value)
-                        elif method == "adapter":
+                                untied(ref.get_submodule(owner), attr).copy_(value)
+                        elif spec.method == "adapter":
                             tensors = [
                                 state[f"{path}.adapter_{k}"]
                                 for k in ("down", "down_bias", "up", "up_bias")
                             ]
-                            adapters.append((path, tensors, spec.activation, spec.scale))
+                            later.append(("adapter", path, tensors, spec.activation, spec.scale))
                         else:
                             a, b = state[f"{path}.lora_A"], state[f"{path}.lora_B"]
                             r = a.shape[0]
@@ -186,7 +200,12 @@ class Lifecycle(RuleBasedStateMachine):
                 module = ref.get_submodule(path)
                 weight = untied(module, "weight")
                 weight.copy_((weight.double() + scale * lora_update(module, a, b)).to(weight.dtype))
-        for path, (down, down_bias, up, up_bias), activation, scale in adapters:
+        for kind, *rest in later:  # after every weight edit, in attach order
+            if kind == "attach":
+                name, spec, state = rest
+                dh.attach(ref, spec, name=name).load_state_dict(state, strict=False)
+                continue
+            path, (down, down_bias, up, up_bias), activation, scale = rest
             act = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}[activation]
 
             def bottleneck(
@@ -194,7 +213,7 @@ class Lifecycle(RuleBasedStateMachine):
             ):
                 return out + s * (act(out @ down.T + db) @ up.T + ub)
 
-            ref.get_submodule(path).register_forward_hook(bottleneck)  # after every weight edit
+            ref.get_submodule(path).register_forward_hook(bottleneck)
         return run(ref, self.x)
 
     def assert_close_to_reference(self, got: torch.Tensor, deltas) -> None:
@@ -245,6 +264,32 @@ class Lifecycle(RuleBasedStateMachine):
             )
         if self.unchanged_by(lambda: dh.attach(self.model, specs, name=name), dh.DeltaError):
             self.specs[name] = specs
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        method=st.sampled_from(sorted(OTHER_METHODS)),
+        data=st.data(),
+        seed=st.integers(0, 1000),
+    )
+    def attach_other(self, name, method, data, seed):
+        """Any other method, its tensors set to random values so it changes the output."""
+        chosen = data.draw(
+            st.lists(st.sampled_from(self.paths), min_size=1, max_size=2, unique=True)
+        )
+        spec = OTHER_METHODS[method](dh.Paths(chosen))
+        delta = []
+        if self.unchanged_by(
+            lambda: delta.append(dh.attach(self.model, spec, name=name)), dh.DeltaError
+        ):
+            self.specs[name] = [spec]
+            generator = torch.Generator().manual_seed(seed)
+            state = delta[0].state_dict()
+            noise = {
+                key: (torch.randn(value.shape, generator=generator) * 0.3).to(value.dtype)
+                for key, value in state.items()
+                if value.is_floating_point()
+            }
+            delta[0].load_state_dict(noise, strict=False)
 
     @precondition(lambda self: self.attached())
     @rule(data=st.data())
