@@ -23,16 +23,23 @@ from torch import nn
 import deltahooks as dh
 
 
+def every_method() -> list[dh.DeltaSpec]:
+    """One part of every built-in method, so the fuzzer mutates each one's metadata."""
+    return [
+        dh.LoRA(targets=["0", "1", "2"], r=2, init="random", rank_pattern={"2": 1}),
+        dh.Full(targets=["1"]),
+        dh.Adapter(targets=["1"], bottleneck=2, init="random"),
+        dh.ParallelAdapter(targets=["1"], bottleneck=2),
+        dh.LowRankAdapter(targets=["1"], reduction_factor=2),
+        dh.Compacter(targets=["1"], reduction_factor=2, phm_dim=2),
+        dh.ReFT(targets=["1"], rank=1, positions="f1+l1"),
+    ]
+
+
 def _valid_file() -> tuple[nn.Module, bytes]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.Conv1d(4, 2, 1))
-    delta = dh.attach(
-        model,
-        [
-            dh.LoRA(targets=["0", "1", "2"], r=2, init="random", rank_pattern={"2": 1}),
-            dh.Full(targets=["1"]),
-        ],
-    )
+    delta = dh.attach(model, every_method())
     path = os.path.join(tempfile.mkdtemp(), "valid.safetensors")
     delta.save(path)
     delta.detach()
@@ -139,3 +146,14 @@ def test_mutated_files_load_exactly_or_raise_our_error(blob):
         assert_restored(model, before)
     finally:
         os.unlink(handle.name)
+
+
+def test_the_fuzzed_file_holds_every_method():
+    header = json.loads(VALID[8:HEADER_END])["__metadata__"]["delta"]
+    stored = {part["method"] for part in json.loads(header)["parts"]}
+    built_in = {
+        name
+        for name, cls in dh.spec.METHODS.items()
+        if cls.__module__.startswith("deltahooks.methods.")
+    }
+    assert stored == built_in
