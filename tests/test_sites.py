@@ -102,6 +102,25 @@ class InputOffset(dh.DeltaSpec):
         )
 
 
+def add_to_first(root, args, kwargs, tensors):
+    (offset,) = tensors
+    return (args[0] + offset, *args[1:]), kwargs
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class CalleeOffset(dh.DeltaSpec):
+    """A root-call site whose tensor lives on its target and whose hook sits on ``callee``."""
+
+    method = "test_callee_offset"
+    callee: str = ""
+
+    def make_part(self, path, module, root, *, device=None):
+        offset = torch.full((module.in_features,), 1.0, device=device)
+        site = dh.RootCallSite(add_to_first, ("offset",), module=self.callee)
+        return dh.Part(path, {"offset": offset}, [site])
+
+
 @dh.register_method
 @dataclass(frozen=True, kw_only=True)
 class SharedGain(dh.DeltaSpec):
@@ -232,6 +251,23 @@ def test_root_call_site():
     with delta.disabled():
         shifted = model(x + 1)
     torch.testing.assert_close(model(x), shifted)
+    delta.detach()
+    assert_restored(model, before)
+
+
+@pytest.mark.parametrize("callee", ["", "b"])
+def test_root_call_site_of_a_part_on_a_submodule(callee, tmp_path):
+    """The part's tensor is on its target ("a"); the hook sits on the root or on "b"."""
+    model, x = make()
+    before = snapshot(model)
+    delta = dh.attach(model, CalleeOffset(targets=["a"], callee=callee))
+    assert list(delta.state_dict()) == ["a.offset"]
+    with delta.disabled():
+        want = model(x + 1) if callee == "" else model.b(model.norm(model.a(x)) + 1)
+    torch.testing.assert_close(model(x), want)
+    round_trip(model, delta, x, tmp_path)
+    twin = copy.deepcopy(model)
+    assert_outputs_equal(twin(x), model(x))
     delta.detach()
     assert_restored(model, before)
 
