@@ -3,5 +3,6 @@
 from .adapter import Adapter
 from .full import Full
 from .lora import LoRA
+from .prompt_tuning import PromptTuning
 
-__all__ = ["Adapter", "Full", "LoRA"]
+__all__ = ["Adapter", "Full", "LoRA", "PromptTuning"]
