@@ -22,7 +22,7 @@ from .errors import (
 )
 from .interop.peft import load_peft
 from .loading import load
-from .methods import Adapter, Full, LoRA, PromptTuning
+from .methods import Adapter, Full, LoRA, PrefixTuning, PromptTuning
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method
 from .summary import summary
@@ -44,6 +44,7 @@ __all__ = [
     "OutputSite",
     "Part",
     "Paths",
+    "PrefixTuning",
     "PromptTuning",
     "RedirectSite",
     "RootCallSite",

@@ -3,6 +3,7 @@
 from .adapter import Adapter
 from .full import Full
 from .lora import LoRA
+from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 
-__all__ = ["Adapter", "Full", "LoRA", "PromptTuning"]
+__all__ = ["Adapter", "Full", "LoRA", "PrefixTuning", "PromptTuning"]
