@@ -265,21 +265,24 @@ def prompt_call(names, module: nn.Module, args: tuple, kwargs: dict, tensors):
     count = prompt.shape[0]
     kwargs = bind(names, args, kwargs)
     past = cached_length(kwargs.get("past_key_values"))
-    embeds = embedded(module, kwargs) if past == 0 else None
-    if embeds is None:  # continuing a sequence whose prompt is cached
-        step = sequence(kwargs)
-        if step is not None:
+    step = sequence(kwargs)
+    if step is None:  # nothing to prompt (the model will say what it misses)
+        return (), kwargs
+    if past:  # continuing a sequence whose prompt is cached: shift past it
+        if "attention_mask" in kwargs:
             kwargs["attention_mask"] = extend_mask(
-                kwargs.get("attention_mask"), count, past + step.shape[1]
+                kwargs["attention_mask"], count, past + step.shape[1]
             )
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + count
         return (), kwargs
+    embeds = embedded(module, kwargs)
     length = embeds.shape[1]
     if "input_ids" in kwargs:
         kwargs["input_ids"] = None
     kwargs["inputs_embeds"] = with_prompt(prompt, embeds)
-    kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), count, count + length)
+    if "attention_mask" in kwargs:
+        kwargs["attention_mask"] = extend_mask(kwargs["attention_mask"], count, count + length)
     positions = kwargs.get("position_ids")
     if positions is not None:
         front = torch.arange(count, dtype=positions.dtype, device=positions.device)
@@ -309,7 +312,8 @@ def prompt_encoder(names, encoder: nn.Module, args: tuple, kwargs: dict, tensors
     if "input_ids" in kwargs:
         kwargs["input_ids"] = None
     kwargs["inputs_embeds"] = with_prompt(prompt, embeds)
-    kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), count, count + length)
+    if "attention_mask" in kwargs:
+        kwargs["attention_mask"] = extend_mask(kwargs["attention_mask"], count, count + length)
     return (), kwargs
 
 
@@ -327,5 +331,6 @@ def extend_cross_mask(count: int, names, model: nn.Module, args: tuple, kwargs: 
         if source is None:
             return (), kwargs
         total = count + source.shape[1]
-    kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), count, total)
+    if "attention_mask" in kwargs:
+        kwargs["attention_mask"] = extend_mask(kwargs["attention_mask"], count, total)
     return (), kwargs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -228,6 +229,20 @@ def test_a_file_holds_the_final_prefixes_and_loads_exactly(name, tmp_path):
     assert_restored(fresh, before)
     again = dh.load(fresh, tmp_path / "again.safetensors")
     assert_outputs_equal(again.state_dict()["prefixes"], prefixes)
+
+
+def test_a_deep_copy_or_pickle_of_the_model_carries_working_prefixes():
+    model, inputs, _ = build("llama")
+    dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+            assert_outputs_equal(twin(**inputs).logits, want)
+            dh.detach(twin)
+            assert not torch.equal(twin(**inputs).logits, want)
 
 
 def test_merge_is_refused_and_changes_nothing():

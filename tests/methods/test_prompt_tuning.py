@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -194,6 +195,20 @@ def test_save_and_load_reproduce_outputs(name, tmp_path):
     assert loaded.specs[0] == delta.specs[0]
     with torch.no_grad():
         assert_outputs_equal(fresh(**inputs).logits, model(**inputs).logits)
+
+
+def test_a_deep_copy_or_pickle_of_the_model_carries_a_working_prompt():
+    model, inputs, _ = build("t5")
+    dh.attach(model, dh.PromptTuning(num_tokens=P, init="vocab"))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+            assert_outputs_equal(twin(**inputs).logits, want)
+            dh.detach(twin)
+            assert not torch.equal(twin(**inputs).logits, want)
 
 
 def test_merge_is_refused_and_changes_nothing():
