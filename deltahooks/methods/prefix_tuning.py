@@ -155,7 +155,9 @@ class PrefixTuning(DeltaSpec):
             cannot_merge="prefixes are extra keys and values, not a change of weights",
         )
 
-    def saved(self, tensors: dict[str, torch.Tensor]):
+    def saved(
+        self, tensors: dict[str, torch.Tensor]
+    ) -> tuple[PrefixTuning, dict[str, torch.Tensor]]:
         """A file keeps the prefixes the MLP computes, under ``reparameterize=False``."""
         if not self.reparameterize:
             return self, tensors
@@ -190,8 +192,9 @@ def geometry(path: str, module: nn.Module) -> tuple[int, int, int, nn.Module]:
             f"PrefixTuning works through transformers' cache API, and {where} is not a "
             "transformers model (it has no config); target the transformers model"
         )
-    # the model itself where its forward names the cache (heads may call their backbone's
-    # inner modules directly), else its backbone (a classifier passes the cache on in kwargs)
+    # the model itself where its forward names the cache (a head may call its backbone's
+    # inner modules directly, as OPTForCausalLM calls model.decoder), else its backbone (a
+    # classification head whose forward does not name the cache)
     backbone = getattr(module, "base_model", None)
     callee = module if takes(module, "past_key_values") else backbone
     if not isinstance(callee, nn.Module) or not takes(callee, "past_key_values"):
