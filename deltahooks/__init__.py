@@ -30,6 +30,8 @@ from .methods import (
     LoRA,
     LowRankAdapter,
     ParallelAdapter,
+    PrefixTuning,
+    PromptTuning,
     ReFT,
 )
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
@@ -56,6 +58,8 @@ __all__ = [
     "ParallelAdapter",
     "Part",
     "Paths",
+    "PrefixTuning",
+    "PromptTuning",
     "ReFT",
     "RedirectSite",
     "RootCallSite",

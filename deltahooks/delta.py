@@ -225,11 +225,20 @@ class Delta(nn.Module):
             >>> dh.attach(model, dh.LoRA(targets=["0"], r=2)).save(path)
         """
         self._require_attached("save")
-        paths = [[] for _ in self.specs]
+        paths: list[list[str]] = [[] for _ in self.specs]
+        keys: list[set[str]] = [set() for _ in self.specs]
         for part in self._parts:
             paths[part.spec_index].append(part.path)
-        parts = [{**spec.describe(), "paths": where} for spec, where in zip(self.specs, paths)]
-        write_delta(path, self.name, parts, self.state_dict())
+            entries = [*part.shared.values(), *part.entries]
+            keys[part.spec_index].update(entry.key for entry in entries if entry.saved)
+        state = self.state_dict()
+        parts, stored = [], {}
+        with torch.no_grad():  # each spec says what of it a file keeps (spec.saved)
+            for spec, where, own in zip(self.specs, paths, keys):
+                kept, tensors = spec.saved({k: v for k, v in state.items() if k in own})
+                parts.append({**kept.describe(), "paths": where})
+                stored.update(tensors)
+        write_delta(path, self.name, parts, stored)
 
     def detach(self) -> None:
         """Remove everything this delta added; the model is exactly what it was before."""

@@ -9,8 +9,8 @@ what to fix, and tells an output function when it may write into the output in p
 - :class:`OutputSite` — forward hook: ``y ← fn(module, x, y, tensors, writable)``;
 - :class:`InputSite` — forward pre-hook: ``x ← fn(module, x, tensors)``;
 - :class:`WeightSite` — ``torch.nn.utils.parametrize``: ``W ← fn(W, tensors)``;
-- :class:`RootCallSite` — pre-hook on the model root that may rewrite the whole call:
-  ``(args, kwargs) ← fn(root, args, kwargs, tensors)``.
+- :class:`RootCallSite` — pre-hook on the model root (or another module named by its path)
+  that may rewrite the whole call: ``(args, kwargs) ← fn(module, args, kwargs, tensors)``.
 
 ``tensors`` is a tuple in the order the site names them. Outputs that are tuples (decoder
 layers) or ``ModelOutput``-like mappings are acted on through their first element (the
@@ -109,13 +109,19 @@ class WeightSite:
 
 @dataclass(frozen=True)
 class RootCallSite:
-    """Rewrite the model's call: ``fn(root, args, kwargs, tensors) -> (args, kwargs)``.
+    """Rewrite a call: ``fn(module, args, kwargs, tensors) -> (args, kwargs)``.
 
     For methods that change what the model is called with (prompts, prefixes, masks).
+    The pre-hook sits on ``module``, a path from the model root: ``""`` (the default) is
+    the root itself; another path reaches a module that is called on its own, such as
+    the encoder that an encoder-decoder ``generate()`` runs before the model. ``fn``
+    gets that module; the part's tensors are looked up on the part's target wherever
+    the hook sits.
     """
 
     fn: Callable
     tensors: tuple[str, ...] = ()
+    module: str = ""
 
 
 @dataclass(frozen=True)
@@ -291,19 +297,26 @@ class InputHook:
 
 
 class RootCallHook:
-    """The root pre-hook of a :class:`RootCallSite` (registered ``with_kwargs``)."""
+    """The pre-hook of a :class:`RootCallSite` (registered ``with_kwargs``).
 
-    __slots__ = ("fn", "source", "switch")
+    ``owner`` is the part's target, which holds the part's own tensors: the hooked
+    module may be another one (the root, for a part on a submodule).
+    """
 
-    def __init__(self, site: RootCallSite, switch: Switch, source: TensorSource) -> None:
+    __slots__ = ("fn", "owner", "source", "switch")
+
+    def __init__(
+        self, site: RootCallSite, switch: Switch, source: TensorSource, owner: nn.Module
+    ) -> None:
         self.fn = site.fn
         self.switch = switch
         self.source = source
+        self.owner = owner
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         if not self.switch.active:
             return None
-        tensors = self.source.gather(module)
+        tensors = self.source.gather(self.owner)
         x = first_tensor(_first_input(args, kwargs))
         _refuse_meta(self.switch, module, x, tensors)
         return _call(
@@ -391,7 +404,8 @@ def install_site(ledger: Ledger, path: str, site: Site, switch: Switch, source) 
         hook = InputHook(site, switch, source)
         return [ledger.forward_pre_hook(path, hook, with_kwargs=True)]
     if isinstance(site, RootCallSite):
-        return [ledger.forward_pre_hook("", RootCallHook(site, switch, source), with_kwargs=True)]
+        hook = RootCallHook(site, switch, source, ledger.module(path))
+        return [ledger.forward_pre_hook(site.module, hook, with_kwargs=True)]
     if isinstance(site, WeightSite):
         function = WeightFunction(site, switch, source, ledger.module(path))
         return [ledger.parametrize(path, site.attr, function)]

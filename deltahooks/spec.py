@@ -95,6 +95,17 @@ class DeltaSpec:
         """
         raise NotImplementedError(f"{type(self).__name__} must define make_part()")
 
+    def saved(self, tensors: dict[str, torch.Tensor]) -> tuple[DeltaSpec, dict[str, torch.Tensor]]:
+        """What a file stores of this spec's delta: ``(spec, tensors)``; as they are by default.
+
+        ``tensors`` are the spec's live tensors keyed as in ``delta.state_dict()``
+        (``"<target path>.<name>"``). A method whose training form is not its final form
+        (PrefixTuning's reparameterisation MLP) returns the final form and the spec that
+        builds it; :func:`deltahooks.load` then attaches that spec. Called under
+        ``torch.no_grad()``.
+        """
+        return self, tensors
+
     def hyperparameters(self) -> dict[str, Any]:
         """Everything but targets, JSON-ready, for files and summaries."""
         return {

@@ -102,6 +102,57 @@ class InputOffset(dh.DeltaSpec):
         )
 
 
+def add_to_first(root, args, kwargs, tensors):
+    (offset,) = tensors
+    return (args[0] + offset, *args[1:]), kwargs
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class CalleeOffset(dh.DeltaSpec):
+    """A root-call site whose tensor lives on its target and whose hook sits on ``callee``."""
+
+    method = "test_callee_offset"
+    callee: str = ""
+
+    def make_part(self, path, module, root, *, device=None):
+        offset = torch.full((module.in_features,), 1.0, device=device)
+        site = dh.RootCallSite(add_to_first, ("offset",), module=self.callee)
+        return dh.Part(path, {"offset": offset}, [site])
+
+
+def scale_by_product(module, x, y, tensors, writable):
+    gain = tensors[0] * tensors[1] if len(tensors) == 2 else tensors[0]
+    return y * gain
+
+
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class FactoredGain(dh.DeltaSpec):
+    """Trains ``gain = a * b`` in two factors; its files store the product only."""
+
+    method = "test_factored_gain"
+    factored: bool = True
+
+    def make_part(self, path, module, root, *, device=None):
+        width = module.out_features
+        if self.factored:
+            tensors = {
+                "a": torch.full((width,), 2.0, device=device),
+                "b": torch.ones(width, device=device),
+            }
+        else:
+            tensors = {"gain": torch.ones(width, device=device)}
+        return dh.Part(path, tensors, [dh.OutputSite(scale_by_product, tuple(tensors))])
+
+    def saved(self, tensors):
+        if not self.factored:
+            return self, tensors
+        paths = {key.rpartition(".")[0] for key in tensors}
+        folded = {f"{p}.gain": tensors[f"{p}.a"] * tensors[f"{p}.b"] for p in sorted(paths)}
+        return FactoredGain(targets=self.targets, factored=False), folded
+
+
 @dh.register_method
 @dataclass(frozen=True, kw_only=True)
 class SharedGain(dh.DeltaSpec):
@@ -234,6 +285,41 @@ def test_root_call_site():
     torch.testing.assert_close(model(x), shifted)
     delta.detach()
     assert_restored(model, before)
+
+
+@pytest.mark.parametrize("callee", ["", "b"])
+def test_root_call_site_of_a_part_on_a_submodule(callee, tmp_path):
+    """The part's tensor is on its target ("a"); the hook sits on the root or on "b"."""
+    model, x = make()
+    before = snapshot(model)
+    delta = dh.attach(model, CalleeOffset(targets=["a"], callee=callee))
+    assert list(delta.state_dict()) == ["a.offset"]
+    with delta.disabled():
+        want = model(x + 1) if callee == "" else model.b(model.norm(model.a(x)) + 1)
+    torch.testing.assert_close(model(x), want)
+    round_trip(model, delta, x, tmp_path)
+    twin = copy.deepcopy(model)
+    assert_outputs_equal(twin(x), model(x))
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_a_spec_chooses_what_its_file_stores(tmp_path):
+    """spec.saved(): the file holds the final form, and loading builds that spec."""
+    model, x = make()
+    delta = dh.attach(model, [FactoredGain(targets=["a", "b"]), OutputGain(targets=["norm"])])
+    with torch.no_grad():
+        delta.state_dict(keep_vars=True)["b.b"].fill_(3.0)
+    assert sorted(delta.state_dict()) == ["a.a", "a.b", "b.a", "b.b", "norm.gain"]
+    path = tmp_path / "d.safetensors"
+    delta.save(path)
+    fresh, _ = make()
+    loaded = dh.load(fresh, path)
+    assert loaded.specs[0] == FactoredGain(targets=dh.Paths(["a", "b"]), factored=False)
+    assert sorted(loaded.state_dict()) == ["a.gain", "b.gain", "norm.gain"]
+    assert_outputs_equal(loaded.state_dict()["b.gain"], torch.full((3,), 6.0))
+    assert_outputs_equal(fresh(x), model(x))
+    assert sorted(delta.state_dict())[:4] == ["a.a", "a.b", "b.a", "b.b"]  # still factored
 
 
 def test_shared_tensors_are_stored_once(tmp_path):

@@ -6,6 +6,18 @@ from .full import Full
 from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
 from .parallel_adapter import ParallelAdapter
+from .prefix_tuning import PrefixTuning
+from .prompt_tuning import PromptTuning
 from .reft import ReFT
 
-__all__ = ["Adapter", "Compacter", "Full", "LoRA", "LowRankAdapter", "ParallelAdapter", "ReFT"]
+__all__ = [
+    "Adapter",
+    "Compacter",
+    "Full",
+    "LoRA",
+    "LowRankAdapter",
+    "ParallelAdapter",
+    "PrefixTuning",
+    "PromptTuning",
+    "ReFT",
+]
