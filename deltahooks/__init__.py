@@ -22,7 +22,7 @@ from .errors import (
 )
 from .interop.peft import load_peft
 from .loading import load
-from .methods import Adapter, Full, LoRA
+from .methods import Adapter, BitFit, Full, LoRA
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method
 from .summary import summary
@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "BitFit",
     "Delta",
     "DeltaError",
     "DeltaFileError",

@@ -1,7 +1,8 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
 from .adapter import Adapter
+from .bitfit import BitFit
 from .full import Full
 from .lora import LoRA
 
-__all__ = ["Adapter", "Full", "LoRA"]
+__all__ = ["Adapter", "BitFit", "Full", "LoRA"]
