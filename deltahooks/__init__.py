@@ -22,7 +22,7 @@ from .errors import (
 )
 from .interop.peft import load_peft
 from .loading import load
-from .methods import Adapter, BitFit, Full, LoRA
+from .methods import Adapter, BitFit, Full, LNTuning, LoRA
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method
 from .summary import summary
@@ -41,6 +41,7 @@ __all__ = [
     "DeltaWarning",
     "Full",
     "InputSite",
+    "LNTuning",
     "LoRA",
     "OutputSite",
     "Part",

@@ -3,6 +3,7 @@
 from .adapter import Adapter
 from .bitfit import BitFit
 from .full import Full
+from .ln_tuning import LNTuning
 from .lora import LoRA
 
-__all__ = ["Adapter", "BitFit", "Full", "LoRA"]
+__all__ = ["Adapter", "BitFit", "Full", "LNTuning", "LoRA"]
