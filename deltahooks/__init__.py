@@ -22,7 +22,7 @@ from .errors import (
 )
 from .interop.peft import load_peft
 from .loading import load
-from .methods import Adapter, BitFit, Full, LNTuning, LoRA
+from .methods import IA3, Adapter, BitFit, Full, LNTuning, LoRA
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method
 from .summary import summary
@@ -31,6 +31,7 @@ from .targets import Paths, resolve_targets
 __version__ = "0.1.0"
 
 __all__ = [
+    "IA3",
     "Adapter",
     "BitFit",
     "Delta",
