@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -178,6 +179,21 @@ def test_ln_tuning_and_bitfit_on_one_layernorm_merge_together():
     torch.testing.assert_close(evaluate(model, inputs), hooked)
     delta.unmerge()
     assert_unmerged(model, state)
+
+
+def test_deepcopy_gives_an_independent_delta_and_pickle_is_refused_by_torch():
+    model, inputs = seeded(make_net)
+    base = evaluate(model, inputs)
+    delta = dh.attach(model, dh.LNTuning())
+    perturb(delta)
+    tuned = evaluate(model, inputs)
+    twin = copy.deepcopy(model)
+    assert_outputs_equal(evaluate(twin, inputs), tuned)
+    dh.detach(twin)
+    torch.testing.assert_close(evaluate(twin, inputs), base)
+    assert_outputs_equal(evaluate(model, inputs), tuned)
+    with pytest.raises(RuntimeError, match="parametrized modules"):
+        pickle.dumps(model)  # a known limit of torch.nn.utils.parametrize
 
 
 def test_bad_inputs_leave_the_model_unchanged():
