@@ -79,9 +79,10 @@ class BitFit(DeltaSpec):
             layer-norm shifts included) and trains no new ones; on a model without
             biases (Llama, T5) the default matches nothing and attach raises
             :class:`deltahooks.TargetError` saying to name targets, e.g.
-            ``targets="all-linear"``. OpenDelta picks attention, feed-forward and
-            layer-norm modules per architecture and adds biases where they are
-            missing.
+            ``targets="all-linear"``. OpenDelta's default picks the attention,
+            feed-forward and layer-norm modules of known architectures and adds biases
+            where they are missing (a new linear bias starts random there; every delta
+            here starts at zero).
         exclude: layers to leave out of ``targets``, same syntax. Default ``None``.
 
     Example:
