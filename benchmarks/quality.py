@@ -93,6 +93,81 @@ DELTA_FILE: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class DeltaRow:
+    """A deltahooks method trained with a `Full(classifier)` head, as the LoRA row is."""
+
+    label: str
+    short: str
+    rate: float
+    specs: Any  # () -> list of specs, built in the worker (after the model exists)
+
+
+ENCODER_LAYERS = r"re:.*encoder\.layer\.\d+"
+# Learning rates: 1e-3 (the demo's LoRA rate) for methods with ~0.1-1.5% trainable
+# parameters; 1e-2 (the head's) for those with <0.1%, which at 1e-3 stay far from converged
+# in 2 epochs, as the head-only row does; each method's paper uses a higher rate for them too.
+DELTA_ROWS: dict[str, DeltaRow] = {
+    "bitfit": DeltaRow(
+        "deltahooks BitFit (every bias) + `Full(classifier)`",
+        "BitFit",
+        1e-2,
+        lambda: [dh.BitFit(targets=dh.layers.is_linear_like)],
+    ),
+    "lntuning": DeltaRow(
+        "deltahooks LNTuning (every LayerNorm) + `Full(classifier)`",
+        "LN tuning",
+        1e-2,
+        lambda: [dh.LNTuning()],
+    ),
+    "ia3": DeltaRow(
+        "deltahooks IA3 (key, value, FFN `output.dense` input) + `Full(classifier)`",
+        "IA3",
+        1e-2,
+        lambda: [dh.IA3(targets=["key", "value", "output.dense"], feedforward=["output.dense"])],
+    ),
+    "parallel": DeltaRow(
+        "deltahooks ParallelAdapter (bottleneck 32 on `output.dense`) + `Full(classifier)`",
+        "ParallelAdapter",
+        1e-3,
+        lambda: [dh.ParallelAdapter(targets=["output.dense"], bottleneck=32)],
+    ),
+    "lowrank": DeltaRow(
+        "deltahooks LowRankAdapter (reduction 32, rank 1 on `output.dense`) + `Full(classifier)`",
+        "LowRankAdapter",
+        1e-2,
+        lambda: [dh.LowRankAdapter(targets=["output.dense"])],
+    ),
+    "compacter": DeltaRow(
+        "deltahooks Compacter (reduction 16, n=4, shared rules on `output.dense`) + `Full(classifier)`",
+        "Compacter",
+        1e-2,
+        lambda: [dh.Compacter(targets=["output.dense"])],
+    ),
+    "prompt": DeltaRow(
+        "deltahooks PromptTuning (20 tokens) + `Full(classifier)`",
+        "prompt tuning",
+        1e-2,
+        lambda: [dh.PromptTuning(num_tokens=20)],
+    ),
+    "prefix": DeltaRow(
+        "deltahooks PrefixTuning (20 tokens, MLP 512) + `Full(classifier)`",
+        "prefix tuning",
+        1e-3,
+        lambda: [dh.PrefixTuning(num_tokens=20)],
+    ),
+    "reft": DeltaRow(
+        "deltahooks LoReFT (rank 4, first/last 3 tokens of every layer) + `Full(classifier)`",
+        "LoReFT",
+        1e-3,
+        lambda: [dh.ReFT(targets=ENCODER_LAYERS, rank=4, positions="f3+l3")],
+    ),
+}
+for _key, _row in DELTA_ROWS.items():
+    METHODS[_key], SHORT[_key] = _row.label, _row.short
+    LEARNING_RATES[_key], DELTA_FILE[_key] = _row.rate, "`delta.save`"
+
+
 # --------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -189,6 +264,8 @@ def prepare(method: str, model: nn.Module) -> tuple[nn.Module, Any]:
         specs.insert(0, dh.LoRA(targets=demo.LORA_TARGETS, r=RANK, alpha=ALPHA, dropout=DROPOUT))
     if method == "adapter":  # Houlsby placement: after the attention and the FFN output layers
         specs.insert(0, dh.Adapter(targets=["output.dense"], bottleneck=ADAPTER_BOTTLENECK))
+    if method in DELTA_ROWS:
+        specs[:0] = DELTA_ROWS[method].specs()
     delta = dh.attach(model, specs)
 
     def save_delta(folder: Path) -> Path:

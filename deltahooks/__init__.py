@@ -24,9 +24,12 @@ from .interop.peft import load_peft
 from .loading import load
 from .merging import stored
 from .methods import (
+    IA3,
     Adapter,
+    BitFit,
     Compacter,
     Full,
+    LNTuning,
     LoRA,
     LowRankAdapter,
     ParallelAdapter,
@@ -42,7 +45,9 @@ from .targets import Paths, resolve_targets
 __version__ = "0.1.0"
 
 __all__ = [
+    "IA3",
     "Adapter",
+    "BitFit",
     "Compacter",
     "Delta",
     "DeltaError",
@@ -52,6 +57,7 @@ __all__ = [
     "DeltaWarning",
     "Full",
     "InputSite",
+    "LNTuning",
     "LoRA",
     "LowRankAdapter",
     "OutputSite",

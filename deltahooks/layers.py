@@ -89,8 +89,37 @@ def output_width(module: nn.Module) -> int | None:
 
 
 def channel_dim(module: nn.Module) -> int:
-    """Which dimension of the output holds the channels: 1 for convolutions, else -1."""
-    return 1 if kind_of(module) == CONV else -1
+    """Which dimension of the module's output holds its channels.
+
+    -1 (the last) for Linear, GPT-2 Conv1D, Embedding and LayerNorm/RMSNorm-like norms;
+    channels-first layers count from the end where they accept unbatched input (a
+    ``Conv2d``: -3, for ``(N, C, H, W)`` and ``(C, H, W)`` alike; an ``InstanceNorm2d``
+    likewise), and batch/group norms, which always have a batch dimension, say 1.
+
+    Example:
+        >>> import torch
+        >>> channel_dim(torch.nn.Conv2d(3, 4, 3)), channel_dim(torch.nn.BatchNorm1d(4))
+        (-3, 1)
+    """
+    if kind_of(module) == CONV:
+        return 1 - module.weight.dim()
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return -module._get_no_batch_dim()
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        return 1
+    return -1
+
+
+def along_channels(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """``vector`` (one value per channel) shaped to broadcast over dimension ``dim`` of an
+    ``ndim``-dimensional tensor (``dim`` as :func:`channel_dim` gives it).
+
+    Example:
+        >>> along_channels(torch.ones(4), 1, 4).shape
+        torch.Size([4, 1, 1])
+    """
+    trailing = -dim - 1 if dim < 0 else ndim - dim - 1
+    return vector if trailing == 0 else vector.view(-1, *([1] * trailing))
 
 
 def to_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:

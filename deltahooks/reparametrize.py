@@ -38,6 +38,7 @@ class KeyBook:
         self.attrs: set[str] = set()  # tensors whose keys deltahooks maps back
         self.functions: dict[str, list[nn.Module]] = {}  # deltahooks' parametrizations
         self.handles: list = []
+        self.class_owner = 0  # id() of the module its Parametrized class was made for
 
     def save_hook(self, module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
         """Rename ``parametrizations.<attr>.original`` back to ``<attr>``, in its old place."""
@@ -67,13 +68,31 @@ def _book(module: nn.Module) -> KeyBook | None:
     return None if container is None else container.__dict__.get(_BOOK)
 
 
+def _own_class(module: nn.Module, book: KeyBook | None) -> None:
+    """Give ``module`` a Parametrized class of its own before torch edits that class.
+
+    torch's ``deepcopy`` of a parametrized module shares its injected ``Parametrized<Class>``
+    with the original, and registering or removing a parametrization adds or deletes a
+    property *on the class*: detaching a delta from a copy would break the original.
+    """
+    if book is None or book.class_owner == id(module):
+        return
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    book.class_owner = id(module)  # a copy's book still holds the original's id
+
+
 def add(module: nn.Module, attr: str, function: nn.Module) -> None:
     """Parametrize ``module.<attr>`` by ``function`` (appended after any existing one)."""
-    book = _book(module) or KeyBook(module)
+    book = _book(module)
+    _own_class(module, book)
+    book = book or KeyBook(module)
     was_parametrized = parametrize.is_parametrized(module, attr)
     parametrize.register_parametrization(module, attr, function, unsafe=True)
     container = module._modules["parametrizations"]
     if _BOOK not in container.__dict__:
+        book.class_owner = id(module)
         container.__dict__[_BOOK] = book
         book.handles = [
             # partials, not bound methods: torch marks the hook object with an attribute
@@ -88,6 +107,7 @@ def add(module: nn.Module, attr: str, function: nn.Module) -> None:
 def remove(module: nn.Module, attr: str, function: nn.Module) -> None:
     """Remove exactly ``function`` from ``module.<attr>``'s parametrizations."""
     book = _book(module)
+    _own_class(module, book)
     chain = module.parametrizations[attr]
     index = next(i for i, f in enumerate(chain) if f is function)
     if book is not None:

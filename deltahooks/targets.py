@@ -11,7 +11,8 @@ Every method shares this one grammar, so "where a delta goes" never depends on
 - ``"all-linear"``: every ``nn.Linear`` / transformers ``Conv1D`` except the output head;
 - an ``nn.Module`` subclass (``isinstance``);
 - an ``nn.Module`` object: exactly that submodule (by identity);
-- a callable ``(path, module) -> bool``;
+- a callable ``(path, module) -> bool`` (one with a ``no_match_hint`` string attribute,
+  such as a method's default selection, says that when it matches nothing);
 - :class:`Paths`: exact module paths (what a saved file records);
 - a list or tuple of the above (their union).
 """
@@ -166,6 +167,11 @@ def _did_you_mean(entry) -> str:
 
 
 def _no_match_error(entry, model: nn.Module, what: str) -> TargetError:
+    hint = getattr(entry, "no_match_hint", None)
+    if callable(entry) and isinstance(hint, str):  # a method's default selection explains itself
+        return TargetError(
+            f"{what} {describe(entry)!r} matches no module of {type(model).__name__}: {hint}"
+        )
     if isinstance(entry, nn.Module):
         return TargetError(
             f"{what} {type(entry).__name__} object is not a submodule of {type(model).__name__}; "

@@ -338,13 +338,21 @@ def test_shared_tensors_are_stored_once(tmp_path):
 
 def test_a_weight_site_survives_deepcopy_and_detaches_on_the_copy():
     model, x = make()
+    before = snapshot(model)
     dh.attach(model, WeightShift(targets=["a"]))
+    tuned = model(x)
     twin = copy.deepcopy(model)
-    assert_outputs_equal(twin(x), model(x))
+    assert_outputs_equal(twin(x), tuned)
     dh.detach(twin)
     assert type(twin.a) is nn.Linear and list(twin.state_dict())[:2] == ["a.weight", "a.bias"]
     fresh, _ = make()
     assert_outputs_equal(twin(x), fresh(x))
+    # torch's deepcopy shares the Parametrized class, which detaching the copy edits
+    assert_outputs_equal(model(x), tuned)
+    dh.attach(twin, WeightShift(targets=["a"]), name="again")  # and so does attaching
+    assert_outputs_equal(model(x), tuned)
+    dh.detach(model)
+    assert_restored(model, before)
 
 
 # --------------------------------------------------- every site on a real model

@@ -1,8 +1,11 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
 from .adapter import Adapter
+from .bitfit import BitFit
 from .compacter import Compacter
 from .full import Full
+from .ia3 import IA3
+from .ln_tuning import LNTuning
 from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
 from .parallel_adapter import ParallelAdapter
@@ -11,9 +14,12 @@ from .prompt_tuning import PromptTuning
 from .reft import ReFT
 
 __all__ = [
+    "IA3",
     "Adapter",
+    "BitFit",
     "Compacter",
     "Full",
+    "LNTuning",
     "LoRA",
     "LowRankAdapter",
     "ParallelAdapter",

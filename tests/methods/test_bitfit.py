@@ -1,0 +1,202 @@
+"""BitFit: a trained bias on each target's output channels, merged into the layer's own bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from method_bar import (
+    check_compile,
+    check_gradient_checkpointing,
+    check_identity_training_files_and_detach,
+    check_merge,
+    check_merge_refused,
+    check_refused,
+    perturb,
+)
+from model_checks import assert_restored, snapshot
+from torch import nn
+
+import deltahooks as dh
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import MODELS  # noqa: E402  (after the importorskip)
+
+# Llama and T5 have no biases, so the default selects nothing there: name layers instead
+SPECS = {
+    "gpt2": dh.BitFit(),
+    "llama": dh.BitFit(targets=["all-linear", "norm"]),
+    "bert": dh.BitFit(),
+    "t5": dh.BitFit(targets=["q", "v", "wo", "final_layer_norm"]),
+    "vit": dh.BitFit(),  # the patch embedding is a Conv2d: channels at dim 1
+    "opt": dh.BitFit(),
+}
+
+
+class Net(nn.Module):
+    """Every kind BitFit takes, channels last and channels first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.conv = nn.Conv1d(4, 6, 3, padding=1)
+        self.norm = nn.BatchNorm1d(6)
+        self.proj = nn.Linear(6, 5, bias=False)
+        self.ln = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        h = self.norm(self.conv(self.embed(ids).transpose(1, 2))).transpose(1, 2)
+        return self.head(self.ln(self.proj(h)))
+
+
+def make_net():
+    return Net(), {"ids": torch.randint(0, 11, (2, 7))}
+
+
+ALL_KINDS = dh.BitFit(targets=["conv", "norm", "ln", "head"])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_identity_training_files_and_detach(name, tmp_path):
+    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path)
+
+
+def test_plain_torch_identity_training_files_and_detach(tmp_path):
+    spec = dh.BitFit(targets=["embed", "conv", "norm", "proj", "ln", "head"])
+    check_identity_training_files_and_detach(make_net, spec, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "opt"])
+def test_merge_into_existing_biases_and_unmerge_exactly(name):
+    check_merge(MODELS[name], SPECS[name])
+
+
+def test_plain_torch_merge_every_kind_with_a_bias():
+    check_merge(make_net, ALL_KINDS)
+
+
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_merge_is_refused_where_a_bias_would_be_new(name):
+    check_merge_refused(MODELS[name], SPECS[name], "has no bias of its own")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_gradient_checkpointing(name, use_reentrant):
+    check_gradient_checkpointing(MODELS[name], SPECS[name], use_reentrant)
+
+
+def test_compile_fullgraph():
+    check_compile(MODELS["llama"], SPECS["llama"])
+
+
+def test_output_is_base_plus_delta_along_the_channels():
+    torch.manual_seed(0)
+    model, inputs = make_net()
+    model.eval()
+    delta = dh.attach(model, dh.BitFit(targets=["embed", "conv", "norm", "proj", "ln", "head"]))
+    perturb(delta)
+    state = delta.state_dict()
+    x = inputs["ids"]
+    with torch.no_grad(), delta.disabled():
+        h = model.embed(x) + state["embed.bitfit_bias"]
+        h = model.conv(h.transpose(1, 2)) + state["conv.bitfit_bias"][:, None]
+        h = model.norm(h) + state["norm.bitfit_bias"][:, None]
+        h = model.proj(h.transpose(1, 2)) + state["proj.bitfit_bias"]
+        h = model.ln(h) + state["ln.bitfit_bias"]
+        want = model.head(h) + state["head.bitfit_bias"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+
+
+@pytest.mark.parametrize(
+    "layer, x, dim",
+    [
+        (nn.Conv2d(3, 4, 3), torch.randn(3, 6, 6), 0),  # unbatched (C, H, W)
+        (nn.Conv2d(3, 4, 3), torch.randn(2, 3, 6, 6), 1),
+        (nn.Conv1d(3, 4, 1), torch.randn(3, 5), 0),
+        (nn.BatchNorm2d(4), torch.randn(2, 4, 3, 3), 1),
+        (nn.GroupNorm(2, 4), torch.randn(2, 4, 5), 1),
+        (nn.InstanceNorm1d(4, affine=True), torch.randn(4, 5), 0),  # unbatched (C, L)
+        (nn.InstanceNorm1d(4, affine=True), torch.randn(2, 4, 5), 1),
+    ],
+)
+def test_channels_first_layers_get_one_bias_per_channel(layer, x, dim):
+    torch.manual_seed(0)
+    model = nn.Sequential(layer).eval()
+    delta = dh.attach(model, dh.BitFit(targets=["0"]))
+    perturb(delta)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    bias = delta.state_dict()["0.bitfit_bias"].view(shape)
+    with torch.no_grad():
+        with delta.disabled():
+            base = model(x)
+        torch.testing.assert_close(model(x), base + bias)
+        delta.merge()
+        torch.testing.assert_close(model(x), base + bias)
+
+
+def test_default_targets_are_the_layers_that_have_a_bias():
+    torch.manual_seed(0)
+    model, _ = make_net()
+    delta = dh.attach(model, dh.BitFit())
+    assert delta.paths == ["conv", "norm", "ln", "head"]  # not the embedding, not proj
+    assert not hasattr(model.proj, "bias") or model.proj.bias is None
+
+
+def test_a_new_bias_adds_no_attribute_to_the_base_module():
+    torch.manual_seed(0)
+    model, _ = make_net()
+    before = snapshot(model)
+    delta = dh.attach(model, dh.BitFit(targets=["proj"]))
+    assert model.proj.bias is None
+    assert [n for n, _ in model.proj.named_parameters()] == ["weight", "dh__default__bitfit_bias"]
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_gpt2_conv1d_output_and_merge():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(5, 6)).eval()
+    x = torch.randn(2, 3, 6)
+    delta = dh.attach(model, dh.BitFit())
+    perturb(delta)
+    with torch.no_grad():
+        with delta.disabled():
+            want = model(x) + delta.state_dict()["0.bitfit_bias"]
+        torch.testing.assert_close(model(x), want)
+        delta.merge()
+        torch.testing.assert_close(model(x), want)
+
+
+def test_an_adapter_on_the_same_layer_sees_the_bias_merged_or_not():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).eval()
+    adapter = dh.attach(model, dh.Adapter(targets=["0"], bottleneck=2, init="random"), name="a")
+    bitfit = dh.attach(model, dh.BitFit(targets=["0"]), name="b")
+    perturb(bitfit)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        hooked = model(x)
+        bitfit.merge()
+        torch.testing.assert_close(model(x), hooked)
+        bitfit.unmerge()
+    adapter.detach()
+    bitfit.detach()
+
+
+def test_bad_inputs_leave_the_model_unchanged():
+    torch.manual_seed(0)
+    llama, _ = MODELS["llama"]()
+    check_refused(llama, dh.BitFit(), dh.TargetError, "targets='all-linear'")
+    model, _ = make_net()
+    model.add_module("act", nn.ReLU())
+    check_refused(model, dh.BitFit(targets=["head", "act"]), dh.UnsupportedModuleError, "ReLU")
+    model.add_module("flat", nn.LayerNorm(5, elementwise_affine=False))
+    check_refused(model, dh.BitFit(targets=["flat"]), dh.UnsupportedModuleError, "LayerNorm")
+    with pytest.raises(dh.SpecError, match="targets is empty"):
+        dh.BitFit(targets=[])
