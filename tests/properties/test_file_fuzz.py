@@ -24,21 +24,31 @@ import deltahooks as dh
 
 
 def every_method() -> list[dh.DeltaSpec]:
-    """One part of every built-in method, so the fuzzer mutates each one's metadata."""
+    """One part of every built-in method on a tiny GPT-2, so the fuzzer mutates each one."""
     return [
-        dh.LoRA(targets=["0", "1", "2"], r=2, init="random", rank_pattern={"2": 1}),
-        dh.Full(targets=["1"]),
-        dh.Adapter(targets=["1"], bottleneck=2, init="random"),
-        dh.ParallelAdapter(targets=["1"], bottleneck=2),
-        dh.LowRankAdapter(targets=["1"], reduction_factor=2),
-        dh.Compacter(targets=["1"], reduction_factor=2, phm_dim=2),
-        dh.ReFT(targets=["1"], rank=1, positions="f1+l1"),
+        dh.LoRA(
+            targets=["wte", "c_attn", "mlp.c_fc"], r=2, init="random", rank_pattern={"c_fc": 1}
+        ),
+        dh.Full(targets=["ln_f"]),
+        dh.Adapter(targets=["mlp.c_proj"], bottleneck=2, init="random"),
+        dh.ParallelAdapter(targets=["mlp.c_proj"], bottleneck=2),
+        dh.LowRankAdapter(targets=["attn.c_proj"], reduction_factor=2),
+        dh.Compacter(targets=["attn.c_proj"], reduction_factor=2, phm_dim=2),
+        dh.ReFT(targets=dh.Paths(["transformer.h.0"]), rank=1, positions="f1+l1"),
+        dh.BitFit(targets=["mlp.c_fc"]),
+        dh.LNTuning(targets=["ln_1"]),
+        dh.IA3(targets=["attn.c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
+        dh.PromptTuning(num_tokens=2),
+        dh.PrefixTuning(num_tokens=2, reparameterize=False),
     ]
 
 
 def _valid_file() -> tuple[nn.Module, bytes]:
+    import transformers
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.Conv1d(4, 2, 1))
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
     delta = dh.attach(model, every_method())
     path = os.path.join(tempfile.mkdtemp(), "valid.safetensors")
     delta.save(path)
