@@ -149,7 +149,16 @@ class IA3(DeltaSpec):
             site = InputSite(partial(scale_input, dim), ("ia3_l",))
         else:
             site = OutputSite(partial(scale_output, dim), ("ia3_l",))
-        return Part(path, {"ia3_l": vector}, [site], merge=partial(merged, kind, feedforward))
+        # A scale of the layer: it merges after additive updates of the same delta
+        # (merge_order 2) and only while no other unmerged delta acts on this layer.
+        return Part(
+            path,
+            {"ia3_l": vector},
+            [site],
+            merge=partial(merged, kind, feedforward),
+            merge_order=2,
+            exclusive_merge=True,
+        )
 
 
 def _entries(feedforward) -> list | None:

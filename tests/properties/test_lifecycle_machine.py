@@ -43,6 +43,12 @@ OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
     "low_rank_adapter": lambda paths: dh.LowRankAdapter(targets=paths, reduction_factor=2),
     "parallel_adapter": lambda paths: dh.ParallelAdapter(targets=paths, bottleneck=1, scale=0.5),
     "reft": lambda paths: dh.ReFT(targets=paths, rank=1, positions="f1+l1"),
+    "bitfit": lambda paths: dh.BitFit(targets=paths),
+    "ia3": lambda paths: dh.IA3(targets=paths, feedforward=[paths[0]]),
+    "ia3_output": lambda paths: dh.IA3(targets=paths),
+    "lntuning": lambda paths: dh.LNTuning(),  # every norm (none in the random trees)
+    "prompt": lambda paths: dh.PromptTuning(num_tokens=2),  # transformers models only
+    "prefix": lambda paths: dh.PrefixTuning(num_tokens=2, reparameterize=False),
 }
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3, torch.bfloat16: 0.1}
 
