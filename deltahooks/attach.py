@@ -104,6 +104,23 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
     return Plan(parts, shared)
 
 
+def _refuse_layers_with_merged_scales(model: nn.Module, parts: list[Part]) -> None:
+    """A merged scale (IA3) is part of its layer's weights; a new delta there would see the
+    scaled weights instead of scaled inputs/outputs, and unmerging would then change it."""
+    paths = {part.path for part in parts}
+    for _, _, registry in registries_under(model):
+        for other in registry.deltas.values():
+            if not other.merged:
+                continue
+            for part in other._parts:
+                if part.exclusive_merge and part.path in paths:
+                    raise DeltaStateError(
+                        f"delta {other.name!r} is merged into {part.path or '<root>'!r} as a "
+                        "scale of the layer; unmerge it before attaching another delta there "
+                        f"(delta.unmerge()), or choose other targets"
+                    )
+
+
 def attach(
     model: nn.Module,
     spec: DeltaSpec | Sequence[DeltaSpec],
@@ -209,6 +226,7 @@ def attach(
                 f"name=..., or detach it first (attached: {sorted(registry.deltas)})"
             )
     built = plan(model, specs)
+    _refuse_layers_with_merged_scales(model, built.parts)
 
     registry = open_registry(model)
     ledger = Ledger(model, name)

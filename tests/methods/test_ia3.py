@@ -17,7 +17,7 @@ from method_bar import (
     perturb,
     seeded,
 )
-from model_checks import assert_outputs_equal
+from model_checks import assert_outputs_equal, assert_restored, snapshot
 from torch import nn
 
 import deltahooks as dh
@@ -237,3 +237,51 @@ def test_reference_against_f_linear():
     vector = delta.state_dict()["0.ia3_l"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), F.linear(x, layer.weight, layer.bias) * vector)
+
+
+def _layer_with_two_deltas():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3)).eval()
+    return model, torch.randn(4, 6)
+
+
+@pytest.mark.parametrize("feedforward", [[], ["0"]])
+def test_a_scale_merges_only_while_no_other_delta_acts_unmerged_on_its_layer(feedforward):
+    model, x = _layer_with_two_deltas()
+    ia3 = dh.attach(model, dh.IA3(targets=["0"], feedforward=feedforward, init="random"), name="s")
+    lora = dh.attach(model, dh.LoRA(targets=["0"], r=2, init="random"), name="l")
+    hooked = model(x)
+    before = snapshot(model)
+    with pytest.raises(dh.DeltaStateError, match="merge or detach 'l' first"):
+        ia3.merge()
+    assert_restored(model, before)
+    lora.merge()  # the additive one first, then the scale: the output stays
+    ia3.merge()
+    torch.testing.assert_close(model(x), hooked)
+    with pytest.raises(dh.DeltaStateError, match="unmerge 's' first"):
+        lora.unmerge()
+    ia3.unmerge()
+    lora.unmerge()
+    torch.testing.assert_close(model(x), hooked)
+
+
+def test_no_new_delta_on_a_layer_with_a_merged_scale():
+    model, _ = _layer_with_two_deltas()
+    ia3 = dh.attach(model, dh.IA3(targets=["0"], feedforward=["0"], init="random"))
+    ia3.merge()
+    before = snapshot(model)
+    with pytest.raises(dh.DeltaStateError, match=r"merged into '0' as a scale.*unmerge it"):
+        dh.attach(model, dh.LoRA(targets=["0"]), name="late")
+    assert_restored(model, before)
+    dh.attach(model, dh.LoRA(targets=["1"]), name="elsewhere")  # other layers are fine
+
+
+def test_lora_and_ia3_in_one_delta_merge_to_the_hooked_output():
+    model, x = _layer_with_two_deltas()
+    delta = dh.attach(
+        model,
+        [dh.IA3(targets=["0"], init="random"), dh.LoRA(targets=["0"], r=2, init="random")],
+    )
+    hooked = model(x)
+    delta.merge()  # LoRA folds in first, then the scale applies to both
+    torch.testing.assert_close(model(x), hooked)
