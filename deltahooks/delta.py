@@ -23,7 +23,7 @@ from .io import write_delta
 from .ledger import Ledger, TensorEntry
 from .merging import merged_on_top
 from .registry import close_registry_if_empty, registry_of
-from .sites import MergedGuard, Switch
+from .sites import MergedGuard, RedirectSite, Switch
 from .spec import DeltaSpec, Part
 
 if TYPE_CHECKING:
@@ -289,6 +289,15 @@ class Delta(nn.Module):
         for part in self._parts:  # then the sites go: the weights alone compute the delta
             part.remove_sites(self._ledger)
         self.__dict__["_guard"] = self._ledger.forward_pre_hook("", MergedGuard(self._switch))
+
+    def redirects(self, path: str, attr: str) -> bool:
+        """Whether this delta makes ``<path>.<attr>`` read a copy of its own (``Full``)."""
+        return any(
+            (path, attr) in site.keys
+            for part in self._parts
+            for site in part.sites
+            if isinstance(site, RedirectSite)
+        )
 
     def _check_exclusive_merges(self) -> None:
         registry = registry_of(self._root)

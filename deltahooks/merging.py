@@ -74,10 +74,9 @@ def swap_in(ledger: Ledger, path: str, attr: str, value: torch.Tensor) -> Merged
             "merging would change those modules too; keep this delta unmerged"
         )
     registry = registry_of(ledger.root)
-    for other in registry.deltas if registry is not None else ():
-        copy = reserved_name(other, attr)
-        holds_copy = copy in module._parameters or copy in module._buffers
-        if other != ledger.delta_name and holds_copy and other not in _stack(ledger, key):
+    for other, delta in registry.deltas.items() if registry is not None else ():
+        replaced = other != ledger.delta_name and delta.redirects(path, attr)
+        if replaced and other not in _stack(ledger, key):
             raise DeltaStateError(
                 f"cannot merge into {key!r}: delta {other!r} trains a Full copy of it that "
                 f"replaces it in the forward; merge {other!r} first"
