@@ -91,6 +91,7 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
         resolved = resolve_targets(model, spec.targets, spec.exclude)
         for path, module in resolved:
             spec.check_module(path, module)
+        spec.check_targets(resolved)
         common = dict(spec.make_shared(model, resolved, device=device))
         for local in common:
             claim(("", local), f"{spec.method}'s shared tensors")

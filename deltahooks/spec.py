@@ -78,6 +78,11 @@ class DeltaSpec:
     def check_module(self, path: str, module: nn.Module) -> None:
         """Raise :class:`UnsupportedModuleError` when ``module`` cannot take this method."""
 
+    def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
+        """Raise a :class:`DeltaError` when the resolved targets together do not fit (e.g. a
+        method that acts once on the whole model given two). Per-target checks go in
+        :meth:`check_module`."""
+
     def make_shared(
         self, root: nn.Module, targets: list[tuple[str, nn.Module]], *, device: DeviceLike = None
     ) -> dict[str, torch.Tensor]:

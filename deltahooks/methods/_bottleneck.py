@@ -26,6 +26,37 @@ def bottleneck(activation: str, scale: float, source, y, down, down_bias, up, up
     return y + (update if scale == 1.0 else update * scale)
 
 
+def plain_pair(
+    prefix: str,
+    fan_in: int,
+    fan_out: int,
+    size: int,
+    options: dict,
+    *,
+    build: bool,
+    random_up: bool,
+) -> dict[str, torch.Tensor]:
+    """``{prefix}_down``/``_down_bias``/``_up``/``_up_bias`` of a plain bottleneck.
+
+    ``down`` starts like a default ``nn.Linear``; ``up`` and the biases start at zero, so the
+    adapter starts as the identity (``random_up``: ``up`` non-zero, for tests). With
+    ``build=False`` (a plan) the tensors are shapes only.
+    """
+    down = torch.empty(size, fan_in, **options)
+    up = torch.zeros(fan_out, size, **options)
+    if build:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+            if random_up:
+                nn.init.normal_(up, std=1.0 / math.sqrt(size))
+    return {
+        f"{prefix}_down": down,
+        f"{prefix}_down_bias": torch.zeros(size, **options),
+        f"{prefix}_up": up,
+        f"{prefix}_up_bias": torch.zeros(fan_out, **options),
+    }
+
+
 def check_hidden_size(owner: str, hidden_size: int | None, path: str, module: nn.Module) -> None:
     """A ``hidden_size`` that contradicts the module's own output width is a mistake."""
     known = output_width(module)

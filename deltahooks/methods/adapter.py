@@ -7,19 +7,17 @@ attach. The update is non-linear in the output, so it cannot be merged into weig
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-import torch
 from torch import nn
 
 from .. import validate
 from ..layers import hidden_width
 from ..sites import OutputSite
-from ..spec import DeltaSpec, DeviceLike, Part, register_method
-from ._bottleneck import ACTIVATIONS, bottleneck, check_bottleneck, check_hidden_size
+from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
+from ._bottleneck import ACTIVATIONS, bottleneck, check_bottleneck, check_hidden_size, plain_pair
 
 INITS = ("default", "random")
 
@@ -107,23 +105,15 @@ class Adapter(DeltaSpec):
     ) -> Part:
         width = hidden_width(path, module, root, self.hidden_size)
         check_bottleneck("Adapter", self.bottleneck, width, path)
-        weight = next(module.parameters(), None)
-        like = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
-        if device is not None:
-            like["device"] = device
-        down = torch.empty(self.bottleneck, width, **like)
-        up = torch.zeros(width, self.bottleneck, **like)
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-                if self.init == "random":
-                    nn.init.normal_(up, std=1.0 / math.sqrt(self.bottleneck))
-        tensors = {
-            "adapter_down": down,
-            "adapter_down_bias": torch.zeros(self.bottleneck, **like),
-            "adapter_up": up,
-            "adapter_up_bias": torch.zeros(width, **like),
-        }
+        tensors = plain_pair(
+            "adapter",
+            width,
+            width,
+            self.bottleneck,
+            tensor_options(module, device),
+            build=device is None,
+            random_up=self.init == "random",
+        )
         site = OutputSite(partial(residual, self.activation, float(self.scale)), tuple(tensors))
         return Part(
             path,

@@ -7,12 +7,10 @@ model is unchanged at attach; the update is non-linear, so it cannot be merged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-import torch
 from torch import nn
 
 from .. import validate
@@ -20,7 +18,14 @@ from ..errors import UnsupportedModuleError
 from ..layers import CONV, EMBEDDING, hidden_width, input_width
 from ..sites import OutputSite, first_tensor
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
-from ._bottleneck import ACTIVATIONS, bottleneck, check_bottleneck, check_hidden_size, refuse_kinds
+from ._bottleneck import (
+    ACTIVATIONS,
+    bottleneck,
+    check_bottleneck,
+    check_hidden_size,
+    plain_pair,
+    refuse_kinds,
+)
 
 INITS = ("default", "random")
 
@@ -95,20 +100,15 @@ class ParallelAdapter(DeltaSpec):
         fan_in = input_width(path, module, root, self.hidden_size)
         fan_out = hidden_width(path, module, root, self.hidden_size)
         check_bottleneck("ParallelAdapter", self.bottleneck, fan_in, path, "input width")
-        opts = tensor_options(module, device)
-        down = torch.empty(self.bottleneck, fan_in, **opts)
-        up = torch.zeros(fan_out, self.bottleneck, **opts)
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-                if self.init == "random":
-                    nn.init.normal_(up, std=1.0 / math.sqrt(self.bottleneck))
-        tensors = {
-            "parallel_down": down,
-            "parallel_down_bias": torch.zeros(self.bottleneck, **opts),
-            "parallel_up": up,
-            "parallel_up_bias": torch.zeros(fan_out, **opts),
-        }
+        tensors = plain_pair(
+            "parallel",
+            fan_in,
+            fan_out,
+            self.bottleneck,
+            tensor_options(module, device),
+            build=device is None,
+            random_up=self.init == "random",
+        )
         site = OutputSite(partial(parallel, self.activation, float(self.scale)), tuple(tensors))
         cannot = "a ParallelAdapter is non-linear in the module's input"
         return Part(path, tensors, [site], cannot_merge=cannot)

@@ -123,11 +123,8 @@ class PrefixTuning(DeltaSpec):
     def check_module(self, path: str, module: nn.Module) -> None:
         geometry(path, module)
 
-    def make_shared(
-        self, root: nn.Module, targets: list[tuple[str, nn.Module]], *, device: DeviceLike = None
-    ) -> dict[str, torch.Tensor]:
+    def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
         one_target("PrefixTuning", targets)
-        return {}
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None

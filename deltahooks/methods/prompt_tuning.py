@@ -128,11 +128,8 @@ class PromptTuning(DeltaSpec):
         else:
             takes_inputs_embeds("PromptTuning", repr(path or "<root>"), module)
 
-    def make_shared(
-        self, root: nn.Module, targets: list[tuple[str, nn.Module]], *, device: DeviceLike = None
-    ) -> dict[str, torch.Tensor]:
+    def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
         one_target("PromptTuning", targets)
-        return {}
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
