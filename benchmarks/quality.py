@@ -527,7 +527,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
     means = [r.accuracy[0] for r in rows]
     stds = [r.accuracy[1] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(7.5, 0.75 * len(rows)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.15 * len(rows)), 4.8))
     palette = plt.get_cmap("tab10")
     positions = range(len(rows))
     colors = {
@@ -562,6 +562,8 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
             fontsize=8,
         )
     ax.set_xticks(list(positions), [SHORT[r.method] for r in rows])
+    if len(rows) > 5:  # long method names would overlap
+        plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
