@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from .errors import DeltaFileError, DeltaStateError
+from .errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
 from .io import write_delta
 from .ledger import Ledger, TensorEntry
 from .merging import merged_on_top
@@ -180,7 +180,7 @@ class Delta(nn.Module):
         """Copy tensors into the delta (cast to its dtype/device); shapes must match."""
         self._require_attached("load_state_dict")
         if assign:
-            raise NotImplementedError(
+            raise UnsupportedOperationError(
                 "assign=True would replace the registered tensors; deltahooks copies values"
             )
         own = {entry.key: entry for entry in self._entries() if entry.saved}

@@ -14,7 +14,7 @@ import re
 
 from torch import nn
 
-from ..errors import DeltaError, DeltaFileError
+from ..errors import DeltaError, DeltaFileError, UnsupportedOperationError
 from ..targets import Paths, resolve_targets
 
 PREFIX = "base_model.model."
@@ -55,9 +55,13 @@ def _read(directory: str) -> tuple[dict, dict]:
             "(supported: 'LORA')"
         )
     if config.get("use_dora"):
-        raise NotImplementedError("importing PEFT DoRA adapters is not supported yet")
+        raise UnsupportedOperationError(
+            "importing PEFT DoRA adapters is not supported yet; merge the adapter in PEFT, or use plain LoRA"
+        )
     if config.get("bias", "none") != "none":
-        raise NotImplementedError(f"PEFT LoRA with bias={config['bias']!r} is not supported yet")
+        raise UnsupportedOperationError(
+            f"PEFT LoRA with bias={config['bias']!r} is not supported yet; train with bias='none'"
+        )
     if not os.path.isfile(weights_path):
         raise DeltaFileError(
             f"{directory!r} has no adapter_model.safetensors (pickled .bin is refused)"
