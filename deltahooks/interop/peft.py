@@ -1,6 +1,11 @@
-"""Import PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
+"""Import PEFT adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-PEFT keys look like ``base_model.model.<path>.lora_A.weight`` (embeddings:
+One importer per PEFT ``peft_type`` (registered with :func:`peft_importer`) turns the
+config and the adapter's own tensors into deltahooks specs and their state; the common
+part (reading the directory, ``modules_to_save`` as a :class:`~deltahooks.Full` part,
+all-or-nothing attach) lives here once.
+
+PEFT LoRA keys look like ``base_model.model.<path>.lora_A.weight`` (embeddings:
 ``<path>.lora_embedding_A``); ``modules_to_save`` copies are stored under their own
 ``<path>.<param>``. Our LoRA uses the same layouts, so tensors load without transposes;
 ``modules_to_save`` becomes a :class:`~deltahooks.Full` part.
@@ -11,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ..errors import DeltaError, DeltaFileError, UnsupportedOperationError
@@ -24,6 +31,34 @@ LORA_SUFFIXES = {
     ".lora_embedding_A": "lora_A",
     ".lora_embedding_B": "lora_B",
 }
+
+
+Importer = Callable[[nn.Module, dict, dict[str, torch.Tensor]], tuple[list, dict]]
+IMPORTERS: dict[str, Importer] = {}
+"""``peft_type`` → ``importer(model, config, tensors) -> (specs, state)``.
+
+``tensors`` are the file's tensors with PEFT's ``base_model.model.`` prefix removed, less
+the ``modules_to_save`` copies; an importer raises :class:`DeltaFileError` for a tensor
+that is not its own and returns state keyed as the specs' ``delta.state_dict()`` is.
+"""
+
+
+def peft_importer(peft_type: str) -> Callable[[Importer], Importer]:
+    """Register the importer of one PEFT ``peft_type`` (``"LORA"``, ``"LOHA"``, ...)."""
+
+    def register(importer: Importer) -> Importer:
+        IMPORTERS[peft_type] = importer
+        return importer
+
+    return register
+
+
+def check_paths(model: nn.Module, paths) -> None:
+    """Every adapted path names a module of ``model``; else the closest names are listed."""
+    known = {p for p, _ in model.named_modules()}
+    missing = [p for p in paths if p not in known]
+    if missing:  # raises a TargetError that lists the closest module names
+        resolve_targets(model, Paths(missing))
 
 
 def _peft_pattern(path: str, patterns: dict, default):
@@ -49,18 +84,15 @@ def _read(directory: str) -> tuple[dict, dict]:
         raise DeltaFileError(f"{config_path!r} is not readable JSON ({err})") from None
     if not isinstance(config, dict):
         raise DeltaFileError(f"{config_path!r} does not hold a JSON object")
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in IMPORTERS:
         raise DeltaFileError(
             f"peft_type {config.get('peft_type')!r} is not supported by the importer yet "
-            "(supported: 'LORA')"
-        )
-    if config.get("use_dora"):
-        raise UnsupportedOperationError(
-            "importing PEFT DoRA adapters is not supported yet; merge the adapter in PEFT, or use plain LoRA"
+            f"(supported: {', '.join(repr(t) for t in sorted(IMPORTERS))})"
         )
     if config.get("bias", "none") != "none":
         raise UnsupportedOperationError(
-            f"PEFT LoRA with bias={config['bias']!r} is not supported yet; train with bias='none'"
+            f"PEFT adapters with bias={config['bias']!r} are not supported yet; train with "
+            "bias='none'"
         )
     if not os.path.isfile(weights_path):
         raise DeltaFileError(
@@ -85,10 +117,12 @@ def load_peft(
     *,
     freeze_base: bool = True,
 ):
-    """Attach a PEFT LoRA adapter directory to ``model`` as a deltahooks delta.
+    """Attach a PEFT adapter directory to ``model`` as a deltahooks delta.
 
-    The model's outputs then equal PEFT's for the same adapter. DoRA and LoRA biases
-    raise ``NotImplementedError``; other PEFT types raise :class:`DeltaFileError`.
+    The model's outputs then equal PEFT's for the same adapter. Supported ``peft_type``
+    values are those with an importer (see ``IMPORTERS``); others raise
+    :class:`DeltaFileError`, features PEFT has and we do not raise
+    :class:`UnsupportedOperationError`. Nothing is attached unless all of it fits.
 
     Example (``my-adapter/`` as written by PEFT's ``save_pretrained``)::
 
@@ -96,67 +130,77 @@ def load_peft(
         delta.save("my-adapter.safetensors")  # now a deltahooks file
     """
     from ..attach import attach_with_state
-    from ..methods import Full, LoRA
+    from ..methods import Full
 
     directory = os.fspath(directory)
     config, tensors = _read(directory)
-    lora: dict[str, dict] = {}
-    other: dict[str, object] = {}
-    for key, tensor in tensors.items():
-        bare = key.removeprefix(PREFIX)
-        for suffix, local in LORA_SUFFIXES.items():
-            if bare.endswith(suffix):
-                lora.setdefault(bare[: -len(suffix)], {})[local] = tensor
-                break
-        else:
-            other[bare] = tensor
-    incomplete = [path for path, pair in lora.items() if set(pair) != {"lora_A", "lora_B"}]
-    if incomplete:
-        raise DeltaFileError(f"{directory!r}: LoRA tensors without their pair at {incomplete[:5]}")
+    saved = config.get("modules_to_save") or []
+    bare = {key.removeprefix(PREFIX): tensor for key, tensor in tensors.items()}
     try:
-        specs = []
-        state = {}
-        if lora:
-            paths = list(lora)
-            known = {p for p, _ in model.named_modules()}
-            missing = [p for p in paths if p not in known]
-            if missing:  # raises a TargetError that lists the closest module names
-                resolve_targets(model, Paths(missing))
-            r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-            ranks = {p: int(lora[p]["lora_A"].shape[0]) for p in paths}
-            alphas = {
-                p: float(_peft_pattern(p, config.get("alpha_pattern") or {}, alpha)) for p in paths
-            }
-            exact = {p: "re:" + re.escape(p) for p in paths}
-            specs.append(
-                LoRA(
-                    targets=Paths(paths),
-                    r=r,
-                    alpha=alpha,
-                    dropout=float(config.get("lora_dropout", 0.0)),
-                    rslora=bool(config.get("use_rslora", False)),
-                    rank_pattern={exact[p]: ranks[p] for p in paths if ranks[p] != r},
-                    alpha_pattern={exact[p]: alphas[p] for p in paths if alphas[p] != alpha},
-                )
-            )
-            for path, pair in lora.items():
-                state[f"{path}.lora_A"] = pair["lora_A"]
-                state[f"{path}.lora_B"] = pair["lora_B"]
-        saved = config.get("modules_to_save") or []
-        if saved:
-            heads = [p for p, _ in resolve_targets(model, list(saved))]
-            heads = [h for h in heads if any(k.startswith(h + ".") for k in other)]
-            if heads:
-                specs.append(Full(targets=Paths(heads)))
-            state.update(other)
-        elif other:
-            raise DeltaFileError(
-                f"{directory!r}: tensors {sorted(other)[:5]} belong to no LoRA layer"
-            )
+        heads = [p for p, _ in resolve_targets(model, list(saved))] if saved else []
+        heads = [h for h in heads if any(k.startswith(h + ".") for k in bare)]
+        copies = {k: t for k, t in bare.items() if any(k.startswith(h + ".") for h in heads)}
+        own = {k: t for k, t in bare.items() if k not in copies}
+        specs, state = IMPORTERS[config["peft_type"]](model, config, own)
+        if heads:
+            specs.append(Full(targets=Paths(heads)))
+            state.update(copies)
         if not specs:
-            raise DeltaFileError(f"{directory!r} holds no LoRA tensors")
-    except DeltaFileError:
+            raise DeltaFileError(f"{directory!r} holds no adapter tensors")
+    except DeltaFileError as err:
+        if directory in str(err):
+            raise
+        raise DeltaFileError(f"{directory!r}: {err}") from None
+    except UnsupportedOperationError:
         raise
     except DeltaError as err:
         raise DeltaFileError(f"{directory!r} does not fit {type(model).__name__}: {err}") from None
     return attach_with_state(model, specs, state, name=name, freeze_base=freeze_base)
+
+
+@peft_importer("LORA")
+def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
+    """PEFT LoRA: same tensor layouts as ours; rank and alpha patterns become exact paths."""
+    from ..methods import LoRA
+
+    if config.get("use_dora"):
+        raise UnsupportedOperationError(
+            "importing PEFT DoRA adapters is not supported yet; merge the adapter in PEFT, "
+            "or use plain LoRA"
+        )
+    lora: dict[str, dict] = {}
+    other = []
+    for key, tensor in tensors.items():
+        for suffix, local in LORA_SUFFIXES.items():
+            if key.endswith(suffix):
+                lora.setdefault(key[: -len(suffix)], {})[local] = tensor
+                break
+        else:
+            other.append(key)
+    if other:
+        raise DeltaFileError(f"tensors {sorted(other)[:5]} belong to no LoRA layer")
+    incomplete = [path for path, pair in lora.items() if set(pair) != {"lora_A", "lora_B"}]
+    if incomplete:
+        raise DeltaFileError(f"LoRA tensors without their pair at {incomplete[:5]}")
+    if not lora:
+        return [], {}
+    paths = list(lora)
+    check_paths(model, paths)
+    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    ranks = {p: int(lora[p]["lora_A"].shape[0]) for p in paths}
+    alphas = {p: float(_peft_pattern(p, config.get("alpha_pattern") or {}, alpha)) for p in paths}
+    exact = {p: "re:" + re.escape(p) for p in paths}
+    spec = LoRA(
+        targets=Paths(paths),
+        r=r,
+        alpha=alpha,
+        dropout=float(config.get("lora_dropout", 0.0)),
+        rslora=bool(config.get("use_rslora", False)),
+        rank_pattern={exact[p]: ranks[p] for p in paths if ranks[p] != r},
+        alpha_pattern={exact[p]: alphas[p] for p in paths if alphas[p] != alpha},
+    )
+    state = {}
+    for path, pair in lora.items():
+        state[f"{path}.lora_A"] = pair["lora_A"]
+        state[f"{path}.lora_B"] = pair["lora_B"]
+    return [spec], state
