@@ -37,7 +37,7 @@ from .methods import (
     PromptTuning,
     ReFT,
 )
-from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
+from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
 from .summary import summary
 from .targets import Paths, resolve_targets
@@ -55,6 +55,7 @@ __all__ = [
     "DeltaSpec",
     "DeltaStateError",
     "DeltaWarning",
+    "FlagSite",
     "Full",
     "InputSite",
     "LNTuning",

@@ -80,6 +80,16 @@ class ShadowEntry:
     attr: str
 
 
+@dataclass
+class AttributeEntry:
+    """An instance attribute set on a module; ``old`` is what its ``__dict__`` held, if any."""
+
+    path: str
+    attr: str
+    had: bool
+    old: object = None
+
+
 class Ledger:
     """Registers delta state on a model and undoes it exactly, in reverse order.
 
@@ -192,6 +202,19 @@ class Ledger:
         self.entries.append(entry)
         return entry
 
+    def attribute(self, path: str, attr: str, value: object) -> AttributeEntry:
+        """Set ``module.<attr> = value`` on the instance; undo puts back what was there.
+
+        For switches that library code reads from a module (a class attribute shadowed on
+        this instance only), never for tensors (see :meth:`shadow`).
+        """
+        module = self.module(path)
+        had = attr in module.__dict__
+        entry = AttributeEntry(path, attr, had, module.__dict__.get(attr))
+        object.__setattr__(module, attr, value)
+        self.entries.append(entry)
+        return entry
+
     def remove(self, entry) -> None:
         """Undo one entry now (e.g. a temporary buffer dropped on unmerge)."""
         self._undo(entry)
@@ -211,6 +234,11 @@ class Ledger:
             reparametrize.remove(module, entry.attr, entry.function)
         elif isinstance(entry, ShadowEntry):
             module.__dict__.pop(entry.attr, None)
+        elif isinstance(entry, AttributeEntry):
+            if entry.had:
+                module.__dict__[entry.attr] = entry.old
+            else:
+                module.__dict__.pop(entry.attr, None)
         elif entry.is_parameter:
             module._parameters.pop(entry.reserved, None)
         else:

@@ -10,7 +10,9 @@ what to fix, and tells an output function when it may write into the output in p
 - :class:`InputSite` — forward pre-hook: ``x ← fn(module, x, tensors)``;
 - :class:`WeightSite` — ``torch.nn.utils.parametrize``: ``W ← fn(W, tensors)``;
 - :class:`RootCallSite` — pre-hook on the model root (or another module named by its path)
-  that may rewrite the whole call: ``(args, kwargs) ← fn(module, args, kwargs, tensors)``.
+  that may rewrite the whole call: ``(args, kwargs) ← fn(module, args, kwargs, tensors)``;
+- :class:`FlagSite` — a module attribute that reads true while the delta is active (a
+  switch library code checks, such as transformers' ``_can_checkpoint_with_cache``).
 
 ``tensors`` is a tuple in the order the site names them. Outputs that are tuples (decoder
 layers) or ``ModelOutput``-like mappings are acted on through their first element (the
@@ -109,7 +111,8 @@ class WeightSite:
 
 @dataclass(frozen=True)
 class RootCallSite:
-    """Rewrite a call: ``fn(module, args, kwargs, tensors) -> (args, kwargs)``.
+    """Rewrite a call: ``fn(module, args, kwargs, tensors) -> (args, kwargs)`` (or ``None``:
+    the call as it is).
 
     For methods that change what the model is called with (prompts, prefixes, masks).
     The pre-hook sits on ``module``, a path from the model root: ``""`` (the default) is
@@ -138,7 +141,21 @@ class RedirectSite:
     keys: tuple[tuple[str, str], ...]
 
 
-Site = OutputSite | InputSite | WeightSite | RootCallSite | RedirectSite
+@dataclass(frozen=True)
+class FlagSite:
+    """Make ``module.<attr>`` read true while the delta is active, on each module in ``modules``.
+
+    ``modules`` are paths from the model root. The attribute is an instance attribute
+    whose truth follows the delta's switch (disabled or merged: false), so code that reads
+    it at call time sees the delta's state without any hook; detach removes it.
+    """
+
+    attr: str
+    modules: tuple[str, ...]
+    tensors: tuple[str, ...] = ()
+
+
+Site = OutputSite | InputSite | WeightSite | RootCallSite | RedirectSite | FlagSite
 
 
 # ---------------------------------------------------------------------- the runner
@@ -363,6 +380,27 @@ class RedirectHook:
             _refuse_meta(self.switch, module, args[0], (copy,))
 
 
+class ActiveFlag:
+    """True while its delta is active: the value a :class:`FlagSite` gives an attribute."""
+
+    __slots__ = ("switch",)
+
+    def __init__(self, switch: Switch) -> None:
+        self.switch = switch
+
+    def __bool__(self) -> bool:
+        return self.switch.active
+
+    def __repr__(self) -> str:
+        return f"ActiveFlag({self.switch.name!r}: {bool(self)})"
+
+    def __getstate__(self):
+        return self.switch
+
+    def __setstate__(self, switch) -> None:
+        self.switch = switch
+
+
 def apply_redirect(module: nn.Module, active: bool, pairs) -> None:
     shadows = module.__dict__
     if active:
@@ -409,6 +447,9 @@ def install_site(ledger: Ledger, path: str, site: Site, switch: Switch, source) 
     if isinstance(site, WeightSite):
         function = WeightFunction(site, switch, source, ledger.module(path))
         return [ledger.parametrize(path, site.attr, function)]
+    if isinstance(site, FlagSite):
+        flag = ActiveFlag(switch)
+        return [ledger.attribute(module, site.attr, flag) for module in site.modules]
     if isinstance(site, RedirectSite):
         installed = []
         for owner, pairs in _redirect_pairs(site, source).items():

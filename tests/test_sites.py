@@ -355,6 +355,50 @@ def test_a_weight_site_survives_deepcopy_and_detaches_on_the_copy():
     assert_restored(model, before)
 
 
+@dh.register_method
+@dataclass(frozen=True, kw_only=True)
+class Gate(dh.DeltaSpec):
+    """Only a FlagSite: ``dh_test_gate`` reads true on the target while active."""
+
+    method = "test_gate"
+
+    def make_part(self, path, module, root, *, device=None):
+        return dh.Part(path, {}, [dh.FlagSite("dh_test_gate", (path,))])
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_flag_site_follows_the_switch_and_detach_restores_the_attribute(existing):
+    model, _x = make()
+    if existing:  # an instance value of the user's own is put back, not deleted
+        model.a.dh_test_gate = "mine"
+    before = snapshot(model)
+    delta = dh.attach(model, Gate(targets=["a"]))
+    assert bool(model.a.dh_test_gate) and not hasattr(model.b, "dh_test_gate")
+    with delta.disabled():
+        assert not model.a.dh_test_gate
+    twin = copy.deepcopy(model)  # the copy's flag follows the copy's delta
+    with dh.deltas(twin)["default"].disabled():
+        assert not twin.a.dh_test_gate and model.a.dh_test_gate
+    delta.detach()
+    assert_restored(model, before)
+    assert model.a.__dict__.get("dh_test_gate") == ("mine" if existing else None)
+
+
+def test_ledger_attributes_undo_newest_first_to_the_first_value():
+    from deltahooks.ledger import Ledger
+
+    model = nn.Linear(2, 2)
+    model.note = 1
+    first, second = Ledger(model, "first"), Ledger(model, "second")
+    first.attribute("", "note", 2)
+    second.attribute("", "note", 3)
+    first.attribute("", "fresh", 4)
+    assert (model.note, model.fresh) == (3, 4)
+    second.undo()
+    first.undo()
+    assert model.note == 1 and "fresh" not in model.__dict__
+
+
 # --------------------------------------------------- every site on a real model
 def embed_with_offset(root, args, kwargs, tensors):
     """A root-call site on a transformers model: ids become embeddings plus an offset."""

@@ -1,12 +1,14 @@
 """Prefix tuning (Li & Liang, 2021): learned keys and values ahead of every attention layer's own.
 
 A root-call site on the model (or on its backbone, transformers' ``base_model``, when
-only that names ``past_key_values``) hands it a cache that already holds the prefixes, so every attention layer attends to them before the
-real tokens; a 2-D attention mask gets ones for them and given position ids move up past
-them. A call that continues a non-empty cache (``generate()`` after its first step) only
-shifts its mask and positions. Encoder-decoder models get prefixes in the decoder's
-self-attention (their encoders take no cache). With ``reparameterize`` the prefixes are a
-small MLP's output while training; files store the prefixes alone.
+only that names ``past_key_values``) hands it a cache that already holds the prefixes,
+so every attention layer attends to them before the real tokens; a 2-D attention mask
+gets ones for them and given position ids move up past them. A call that continues a
+non-empty cache (``generate()`` after its first step) only shifts its mask and
+positions. Encoder-decoder models get prefixes in the decoder's self-attention (their
+encoders take no cache). With ``reparameterize`` the prefixes are a small MLP's output
+while training; files store the prefixes alone. A checkpointed training call gets a
+cache that replays the same prefixes instead (see :func:`replay_classes`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+import weakref
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ from torch import nn
 from .. import validate
 from ..errors import DeltaStateError, UnsupportedModuleError
 from ..ledger import join
-from ..sites import RootCallSite, first_tensor
+from ..sites import FlagSite, RootCallSite, first_tensor
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import Target
 from ._calls import (
@@ -41,6 +44,8 @@ from ._calls import (
 
 MLP = ("prefix_embedding", "mlp_in", "mlp_in_bias", "mlp_out", "mlp_out_bias")
 DISCARDED = "_deltahooks_discarded"  # on a cache made for a call with use_cache=False
+# transformers' checkpointed layers drop the cache unless this is true on the layer
+KEEPS_CACHE = "_can_checkpoint_with_cache"
 
 
 @register_method
@@ -66,11 +71,14 @@ class PrefixTuning(DeltaSpec):
     itself, so real tokens start at position ``num_tokens`` (as in PEFT). A call with a
     non-empty cache continues a sequence that already holds the prefixes.
 
-    Training under gradient checkpointing is refused (:class:`deltahooks.DeltaStateError`
-    at the forward): transformers drops the cache inside checkpointed layers, which would
-    drop the prefixes (PEFT refuses prefix tuning on such a model altogether; here
-    inference still works, since checkpointing is idle outside training). Masks that are not 2-D (a
-    static cache's 4-D masks) raise :class:`deltahooks.DeltaStateError` too.
+    Training under gradient checkpointing works, reentrant or not, with the gradients of
+    an unchecked run: the call gets a cache that stores nothing and recomputes each
+    layer's prefixes from the delta's tensors (a checkpointed layer runs twice, and a
+    growing cache would hold its tokens twice), the checkpointed layers keep it while the
+    delta is active (transformers' ``_can_checkpoint_with_cache``), and a layer the model
+    passes no cache while checkpointing (GPT-2) is handed it. Continuing a filled cache in
+    such a call raises :class:`deltahooks.DeltaStateError`, as do masks that are not 2-D
+    (a static cache's 4-D masks).
 
     Files: with ``reparameterize=True`` the delta trains an embedding and an MLP, but
     ``delta.save`` stores only the prefixes they compute, under a spec with
@@ -143,12 +151,17 @@ class PrefixTuning(DeltaSpec):
         transformers = sys.modules["transformers"]
         caches = (transformers.DynamicCache, transformers.EncoderDecoderCache)
         layout = (layers, heads, head_dim, is_encoder_decoder(module))
-        call = partial(prefix_call, layout, arg_names(callee), caches)
+        in_flight = InFlight()
+        call = partial(prefix_call, layout, arg_names(callee), caches, in_flight)
         at = join(path, path_of(module, callee))
+        layers_paths = readers(path, module)
+        sites = [RootCallSite(call, tuple(tensors), at), FlagSite(KEEPS_CACHE, layers_paths)]
+        if not layout[-1]:  # an encoder-decoder's encoder layers take no cache: hand none
+            sites += handing_sites(root, layers_paths, in_flight)
         return Part(
             path,
             tensors,
-            [RootCallSite(call, tuple(tensors), at)],
+            sites,
             cannot_merge="prefixes are extra keys and values, not a change of weights",
         )
 
@@ -256,8 +269,156 @@ def final_prefixes(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def checkpointed(module: nn.Module) -> bool:
-    """transformers' checkpointed layers drop the cache, prefixes and all."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+    """Whether transformers will checkpoint (and so replay) some layer of ``module``."""
+    return module.training and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in module.modules()
+    )
+
+
+def readers(path: str, module: nn.Module) -> tuple[str, ...]:
+    """Paths of the layers that drop a cache under checkpointing unless told it is replayable.
+
+    transformers' ``GradientCheckpointingLayer`` sets ``past_key_values=None`` for a
+    checkpointed call unless the layer's ``_can_checkpoint_with_cache`` is true. The cache
+    a checkpointed training call gets from us (:class:`ReplayedPrefixes`) stores nothing,
+    so replaying a layer in the backward pass reads the same prefixes again: safe to keep.
+    """
+    return tuple(
+        join(path, name)
+        for name, sub in module.named_modules()
+        if getattr(type(sub), KEEPS_CACHE, True) is False
+    )
+
+
+class InFlight:
+    """The cache of the checkpointed training call under way, for layers the model skips.
+
+    Held by a weak reference: it lives as long as the call (or its outputs) does.
+    """
+
+    def __init__(self) -> None:
+        self.ref = None
+
+    def set(self, cache) -> None:
+        self.ref = weakref.ref(cache)
+
+    def get(self):
+        return self.ref() if self.ref is not None else None
+
+    def __reduce__(self):
+        return (InFlight, ())
+
+
+CACHE_ARGS = ("past_key_values", "layer_past")
+
+
+def handing_sites(root: nn.Module, paths: tuple[str, ...], in_flight: InFlight) -> list:
+    """A call site on each layer that takes a cache, to hand it the call's cache if skipped.
+
+    A model may itself pass its layers no cache while checkpointing (GPT-2 does); with
+    these, every layer that takes one gets the replayed prefixes all the same.
+    """
+    sites = []
+    for path in paths:
+        names = arg_names(root.get_submodule(path))
+        for name in CACHE_ARGS:
+            if name in names:
+                position = names.index(name)
+                sites.append(RootCallSite(partial(hand_cache, in_flight, name, position), (), path))
+                break
+    return sites
+
+
+def hand_cache(in_flight: InFlight, name: str, position: int, layer, args, kwargs, tensors):
+    """Pass the call's replayed cache to a checkpointed layer the model gave none."""
+    if not (layer.training and getattr(layer, "gradient_checkpointing", False) is True):
+        return None  # the call as it is
+    cache = in_flight.get()
+    if cache is None:
+        return None
+    if position < len(args):
+        if args[position] is None:
+            args = (*args[:position], cache, *args[position + 1 :])
+    elif kwargs.get(name) is None:
+        kwargs[name] = cache
+    return args, kwargs
+
+
+def layer_prefixes(tensors: tuple[torch.Tensor, ...], layer: int, width: int) -> torch.Tensor:
+    """One layer's ``num_tokens × 2 · kv`` slice of :func:`final_prefixes`, computed alone."""
+    columns = slice(2 * width * layer, 2 * width * (layer + 1))
+    if len(tensors) == 1:
+        return tensors[0][:, columns]
+    embedding, w_in, b_in, w_out, b_out = tensors
+    return F.linear(torch.tanh(F.linear(embedding, w_in, b_in)), w_out[columns], b_out[columns])
+
+
+def split(prefixes: torch.Tensor, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count × 2 · kv`` → keys and values, each ``heads × count × head_dim``."""
+    count = prefixes.shape[0]
+    pair = prefixes.view(count, 2, heads, head_dim).permute(1, 2, 0, 3)
+    return pair[0], pair[1]
+
+
+@cache
+def replay_classes(dynamic: type) -> tuple[type, type]:
+    """The two caches of a checkpointed training call, made once per ``DynamicCache`` class.
+
+    Checkpointing runs a layer twice (forward, then again in backward), so a cache that
+    grows would hold the real tokens twice by the replay. ``ReplayedPrefixes`` answers
+    every ``update`` with the layer's prefixes (recomputed from the delta's tensors, so
+    reentrant checkpointing, which replays with grad on, differentiates them within the
+    layer) followed by the new keys and values, and keeps nothing; its layers hold the
+    prefixes without grad, for the mask sizes and any code that reads them directly.
+    ``PassThrough`` is the cross-attention cache of an encoder-decoder: it keeps nothing
+    either, so the replay recomputes cross-attention keys from the encoder's output.
+    """
+
+    class ReplayedPrefixes(dynamic):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            self.updated.add(layer_idx)
+            heads, head_dim = self.geometry
+            own = layer_prefixes(self.tensors, layer_idx, heads * head_dim)
+            key, value = split(own, heads, head_dim)
+            shape = (key_states.shape[0], heads, key.shape[1], head_dim)
+            key = key.to(key_states.dtype).expand(shape)
+            value = value.to(value_states.dtype).expand(shape)
+            return torch.cat((key, key_states), -2), torch.cat((value, value_states), -2)
+
+    class PassThrough(dynamic):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return key_states, value_states
+
+    return ReplayedPrefixes, PassThrough
+
+
+class Forgetful(dict):
+    """An ``is_updated`` map that never records a cross-attention cache as filled."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+def replayed_cache(caches: tuple[type, type], layout, tensors, batch: int):
+    """The cache of a checkpointed training call (see :func:`replay_classes`)."""
+    layers, heads, head_dim, encoder_decoder = layout
+    dynamic, encoder_decoder_cache = caches
+    replayed_prefixes, pass_through = replay_classes(dynamic)
+    own = replayed_prefixes()
+    own.tensors, own.geometry, own.updated = tensors, (heads, head_dim), set()
+    with torch.no_grad():
+        prefixes = final_prefixes(tensors)
+    width = heads * head_dim
+    for layer in range(layers):
+        columns = prefixes[:, 2 * width * layer : 2 * width * (layer + 1)]
+        key, value = split(columns, heads, head_dim)
+        shape = (batch, heads, key.shape[1], head_dim)
+        dynamic.update(own, key.expand(shape), value.expand(shape), layer)
+    if not encoder_decoder:
+        return own, own
+    whole = encoder_decoder_cache(own, pass_through())
+    whole.is_updated = Forgetful()
+    return whole, own
 
 
 def decoder_sequence(kwargs: dict) -> torch.Tensor | None:
@@ -269,16 +430,12 @@ def decoder_sequence(kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def prefix_call(layout, names, caches, backbone: nn.Module, args: tuple, kwargs: dict, tensors):
+def prefix_call(
+    layout, names, caches, in_flight, backbone: nn.Module, args: tuple, kwargs: dict, tensors
+):
     """Hand the backbone a cache holding the prefixes (first call) and stretch the mask."""
     layers, heads, head_dim, encoder_decoder = layout
     kwargs = bind(names, args, kwargs)
-    if backbone.training and torch.is_grad_enabled() and checkpointed(backbone):
-        raise DeltaStateError(
-            "PrefixTuning cannot train under gradient checkpointing: transformers drops the "
-            "cache (and the prefixes in it) inside checkpointed layers; call "
-            "model.gradient_checkpointing_disable()"
-        )
     step = decoder_sequence(kwargs) if encoder_decoder else sequence(kwargs)
     if step is None:
         return (), kwargs
@@ -287,7 +444,19 @@ def prefix_call(layout, names, caches, backbone: nn.Module, args: tuple, kwargs:
     if getattr(cache, DISCARDED, False):
         cache = None  # made by us for a call that asked for no cache: it continues nothing
     past = cached_length(cache)
-    if past == 0:
+    if checkpointed(backbone):
+        if past:
+            raise DeltaStateError(
+                "PrefixTuning cannot continue a filled past_key_values in a training call under "
+                "gradient checkpointing (the backward pass would replay the layers' writes to "
+                "it); call without past_key_values, or use model.eval() for generation"
+            )
+        cache, own = replayed_cache(caches, layout, tensors, step.shape[0])
+        setattr(cache, DISCARDED, True)
+        in_flight.set(cache)
+        kwargs["past_key_values"] = cache
+        past = count
+    elif past == 0:
         dynamic, encoder_decoder_cache = caches
         if cache is None:
             cache = encoder_decoder_cache(dynamic(), dynamic()) if encoder_decoder else dynamic()

@@ -254,18 +254,95 @@ def test_merge_is_refused_and_changes_nothing():
     assert_restored(model, before)
 
 
-def test_training_under_gradient_checkpointing_is_refused_with_the_fix():
-    """transformers drops the cache in checkpointed layers: the prefixes would vanish."""
-    model, inputs, labels = build("llama")
-    model.gradient_checkpointing_enable({"use_reentrant": False})
-    dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8))
-    with torch.no_grad():  # inference: checkpointing is idle, the prefixes work
-        model(**inputs, labels=labels)
+def checkpointing_grads(name, checkpointing, reentrant, reparameterize=True):
+    """Loss and delta gradients of one training step, dropout off (so runs compare)."""
+    model, inputs, labels = build(name)
+    delta = dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8, reparameterize=reparameterize))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     model.train()
-    with pytest.raises(dh.DeltaStateError, match="gradient_checkpointing_disable"):
-        model(**inputs, labels=labels)
-    model.gradient_checkpointing_disable()
-    model(**inputs, labels=labels).loss.backward()
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {key: p.grad for key, p in delta.named_parameters()}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize(
+    ("name", "reparameterize"), [(n, True) for n in TEXT_MODELS] + [("llama", False)]
+)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name, reparameterize, reentrant):
+    """Checkpointed layers replay with the same prefixes; GPT-2, whose model passes its
+    layers no cache while checkpointing, gets them handed to each layer."""
+    plain_loss, plain = checkpointing_grads(name, False, reentrant, reparameterize)
+    loss, grads = checkpointing_grads(name, True, reentrant, reparameterize)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == plain.keys()
+    for key, grad in plain.items():
+        assert grads[key] is not None and grads[key].abs().sum() > 0, key
+        torch.testing.assert_close(grads[key], grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_under_checkpointing_the_loss_falls_and_detach_restores(name):
+    model, inputs, labels = build(name)
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    before = snapshot(model)
+    delta = dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=16))
+    optimizer = torch.optim.AdamW(delta.parameters(), lr=0.01)
+
+    def eval_loss():
+        with torch.no_grad():
+            return model.eval()(**inputs, labels=labels).loss.item()
+
+    start = eval_loss()
+    model.train()
+    for _ in range(6):
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert eval_loss() < start
+    delta.detach()
+    assert_restored(model, before)
+    assert all("_can_checkpoint_with_cache" not in m.__dict__ for m in model.modules())
+
+
+def test_the_layers_keep_the_cache_only_while_the_delta_is_active():
+    """Disabled, the layers drop a cache as transformers means them to, so the base
+    trains exactly as without a delta; active, they keep the replayable one."""
+    (model, inputs, labels), (twin, _, _) = build("llama"), build("llama")
+    layers = model.model.layers
+    assert not layers[0]._can_checkpoint_with_cache
+    delta = dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8))
+    assert all(layer._can_checkpoint_with_cache for layer in layers)
+    with delta.disabled():
+        assert not any(layer._can_checkpoint_with_cache for layer in layers)
+    for each in (model, twin):
+        each.train()
+        each.gradient_checkpointing_enable({"use_reentrant": False})
+    torch.manual_seed(3)
+    with delta.disabled():
+        base_loss = model(**inputs, labels=labels).loss
+    torch.manual_seed(3)
+    torch.testing.assert_close(base_loss, twin(**inputs, labels=labels).loss, rtol=0, atol=0)
+
+
+def test_continuing_a_filled_cache_in_a_checkpointed_training_call_is_refused():
+    """The backward pass would replay the layers' writes into the caller's cache."""
+    model, inputs, _labels = build("llama")
+    delta = dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8))
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    model.train()
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    before = snapshot(model)
+    step = {"input_ids": inputs["input_ids"][:, :1], "past_key_values": cache}
+    with pytest.raises(dh.DeltaStateError, match="gradient checkpointing"):
+        model(**step)
+    assert_restored(model, before)
+    delta.detach()
 
 
 def test_compiled_model_matches_eager_with_the_delta_on_and_off():
