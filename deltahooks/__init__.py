@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .interop.peft import load_peft
+from .interop.peft_export import save_peft
 from .loading import load
 from .merging import stored
 from .methods import (
@@ -82,6 +83,7 @@ __all__ = [
     "load_peft",
     "register_method",
     "resolve_targets",
+    "save_peft",
     "stored",
     "summary",
     "tensor_options",

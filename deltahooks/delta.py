@@ -240,6 +240,19 @@ class Delta(nn.Module):
                 stored.update(tensors)
         write_delta(path, self.name, parts, stored)
 
+    def save_peft(self, directory: str | PathLike, *, task_type: str | None = None) -> None:
+        """Write a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.
+
+        See :func:`deltahooks.save_peft`.
+
+        Example::
+
+            delta.save_peft("my-adapter/")
+        """
+        from .interop.peft_export import save_peft
+
+        save_peft(self, directory, task_type=task_type)
+
     def detach(self) -> None:
         """Remove everything this delta added; the model is exactly what it was before."""
         self._require_attached("detach")

@@ -1,0 +1,188 @@
+"""Write a delta as a PEFT adapter directory (``adapter_config.json`` +
+``adapter_model.safetensors``), which ``peft.PeftModel.from_pretrained`` loads with the
+same outputs: what serving stacks and the Hub consume.
+
+A PEFT directory holds one adapter type plus ``modules_to_save`` copies, so a delta
+exports when it holds one method with an exporter (registered with
+:func:`peft_exporter`), with any :class:`~deltahooks.Full` parts as ``modules_to_save``.
+Targets are written as the exact module paths the delta adapted, so PEFT adapts the
+same modules whatever target syntax the spec used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
+from .peft import PREFIX
+
+Exporter = Callable[[nn.Module, list, list], tuple[dict, dict[str, torch.Tensor]]]
+EXPORTERS: dict[str, Exporter] = {}
+"""method → ``exporter(model, specs, parts) -> (config fields, tensors by bare PEFT key)``.
+
+``specs`` are the delta's specs of that method (by ``spec_index`` order), ``parts`` their
+:class:`~deltahooks.delta.PartView` s; keys are without PEFT's ``base_model.model.``.
+An exporter raises :class:`UnsupportedOperationError` for what PEFT cannot express.
+"""
+
+
+def peft_exporter(method: str) -> Callable[[Exporter], Exporter]:
+    """Register the PEFT exporter of one deltahooks method (``"lora"``, ``"ia3"``, ...)."""
+
+    def register(exporter: Exporter) -> Exporter:
+        EXPORTERS[method] = exporter
+        return exporter
+
+    return register
+
+
+def save_peft(delta, directory: str | os.PathLike, *, task_type: str | None = None) -> None:
+    """Write ``delta`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    ``task_type`` is PEFT's (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...); ``None`` writes none,
+    which PEFT loads as a plain ``PeftModel``. A delta PEFT cannot express (two methods,
+    a method without an exporter, settings PEFT lacks) raises
+    :class:`deltahooks.UnsupportedOperationError` naming the part, and writes nothing.
+
+    Example::
+
+        delta = dh.attach(model, dh.LoRA(targets=["q_proj", "v_proj"]))
+        dh.save_peft(delta, "my-adapter/")   # or delta.save_peft("my-adapter/")
+        peft.PeftModel.from_pretrained(base_model, "my-adapter/")
+    """
+    if not delta.attached:
+        raise DeltaStateError(f"delta {delta.name!r} is detached; attach it again to save it")
+    model = delta.model
+    by_method: dict[str, list] = {}
+    for part in delta.parts:
+        by_method.setdefault(part.method, []).append(part)
+    heads = by_method.pop("full", [])
+    if len(by_method) != 1:
+        kinds = sorted(by_method) or ["only Full parts"]
+        raise UnsupportedOperationError(
+            f"a PEFT adapter directory holds one adapter type (plus modules_to_save), but delta "
+            f"{delta.name!r} holds {kinds}; attach and save each method as its own delta"
+        )
+    ((method, parts),) = by_method.items()
+    exporter = EXPORTERS.get(method)
+    if exporter is None:
+        raise UnsupportedOperationError(
+            f"{method} has no PEFT equivalent that deltahooks can write (exportable: "
+            f"{sorted(EXPORTERS)}); keep it as a deltahooks file with delta.save(...)"
+        )
+    indices = sorted({part.spec_index for part in parts})
+    fields, tensors = exporter(model, [delta.specs[i] for i in indices], parts)
+    with torch.no_grad():
+        for part in heads:
+            tensors.update({key: t.detach() for key, t in part.tensors.items()})
+    config = {
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
+        or None,
+        "inference_mode": True,
+        "modules_to_save": [part.path for part in heads] or None,
+        "revision": None,
+        "task_type": task_type,
+        **fields,
+    }
+    write(os.fspath(directory), config, {PREFIX + key: t for key, t in tensors.items()})
+
+
+def write(directory: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Both files appear whole (temporary name, then rename); the directory may exist."""
+    from safetensors.torch import save_file
+
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise DeltaFileError(f"{directory!r} is a file; PEFT adapters are directories")
+    os.makedirs(directory, exist_ok=True)
+    cpu = {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
+    for name, dump in (
+        ("adapter_model.safetensors", lambda path: save_file(cpu, path, {"format": "pt"})),
+        ("adapter_config.json", lambda path: _dump_json(config, path)),
+    ):
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        os.close(handle)
+        try:
+            dump(temporary)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, os.path.join(directory, name))
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+
+def _dump_json(config: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+
+
+def most_common(values: dict[str, float]):
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def exact(path: str) -> str:
+    """A PEFT pattern key (regex matched on a ``.`` boundary) for exactly this path."""
+    return re.escape(path)
+
+
+def one_setting(method: str, specs: list, name: str):
+    """The value all specs share for ``name``, or why PEFT cannot hold them together."""
+    values = {repr(getattr(spec, name)) for spec in specs}
+    if len(values) > 1:
+        raise UnsupportedOperationError(
+            f"the {method} specs of this delta differ in {name} ({sorted(values)}); PEFT holds "
+            f"one {name} per adapter: save them as separate deltas"
+        )
+    return getattr(specs[0], name)
+
+
+# ------------------------------------------------------------------------------ LoRA
+@peft_exporter("lora")
+def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
+    """LoRA: same layouts; per-path ranks and alphas become exact-path patterns."""
+    from ..layers import CONV1D_GPT2, EMBEDDING, kind_of
+    from ..targets import first_match
+
+    dropout = one_setting("LoRA", specs, "dropout")
+    rslora = one_setting("LoRA", specs, "rslora")
+    by_index = {part.spec_index: part for part in parts}
+    spec_of = dict(zip(sorted(by_index), specs))
+    ranks, alphas, tensors, fan_in_fan_out = {}, {}, {}, False
+    for part in parts:
+        spec = spec_of[part.spec_index]
+        module = model.get_submodule(part.path)
+        a, b = (part.tensors[f"{part.path}.lora_{x}"] for x in "AB")
+        ranks[part.path] = int(a.shape[0])
+        alpha = first_match(part.path, module, spec.alpha_pattern, model)
+        alphas[part.path] = float(spec.alpha if alpha is None else alpha)
+        kind = kind_of(module)
+        fan_in_fan_out |= kind == CONV1D_GPT2
+        if kind == EMBEDDING:
+            names = ("lora_embedding_A", "lora_embedding_B")
+        else:
+            names = ("lora_A.weight", "lora_B.weight")
+        tensors[f"{part.path}.{names[0]}"] = a.detach()
+        tensors[f"{part.path}.{names[1]}"] = b.detach()
+    r, alpha = most_common(ranks), most_common(alphas)
+    fields = {
+        "peft_type": "LORA",
+        "target_modules": sorted(ranks),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_dora": False,
+        "rank_pattern": {exact(p): k for p, k in ranks.items() if k != r},
+        "alpha_pattern": {exact(p): v for p, v in alphas.items() if v != alpha},
+    }
+    return fields, tensors

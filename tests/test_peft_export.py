@@ -1,0 +1,161 @@
+"""Writing PEFT adapter directories: PEFT itself loads them with our outputs, both ways."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from model_checks import assert_restored, snapshot
+from tiny_models import MODELS
+
+import deltahooks as dh
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def randomise(delta, seed=1):
+    """Every delta tensor away from its identity start, so a mix-up shows in the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in delta.parameters():
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.2)
+
+
+def peft_from(directory, base):
+    """PEFT's model of a copy of the base model, loaded from ``directory``."""
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base).eval(), directory).eval()
+
+
+SPECS = {
+    "llama": [
+        dh.LoRA(
+            targets=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+            r=4,
+            alpha=8,
+            rslora=True,
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"v_proj": 3.0},
+        ),
+        dh.Full(targets=["lm_head"]),
+    ],
+    "gpt2": [dh.LoRA(targets=["c_attn", "c_fc"], r=2, alpha=4, dropout=0.1)],
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_peft_loads_our_lora_with_the_same_outputs(name, tmp_path):
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    base = copy.deepcopy(model.eval())
+    delta = dh.attach(model, SPECS[name])
+    randomise(delta)
+    delta.save_peft(tmp_path / "adapter")
+    theirs = peft_from(tmp_path / "adapter", base)
+    torch.testing.assert_close(logits(theirs, inputs), logits(model, inputs), rtol=0, atol=1e-5)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] == (name == "gpt2")
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_peft_to_ours_to_peft_keeps_the_outputs(name, tmp_path):
+    """A PEFT-made adapter, imported and written again, is the same adapter to PEFT."""
+    torch.manual_seed(0)
+    base, inputs = MODELS[name]()
+    pristine = copy.deepcopy(base.eval())
+    modules = ["q_proj", "v_proj"] if name == "llama" else ["c_attn"]
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=modules, init_lora_weights=False)
+    made = peft.get_peft_model(copy.deepcopy(base).eval(), config).eval()
+    made.save_pretrained(tmp_path / "made")
+    want = logits(made, inputs)
+    delta = dh.load_peft(base.eval(), tmp_path / "made")
+    torch.testing.assert_close(logits(base, inputs), want, rtol=0, atol=1e-5)
+    delta.save_peft(tmp_path / "again")
+    torch.testing.assert_close(
+        logits(peft_from(tmp_path / "again", pristine), inputs), want, rtol=0, atol=1e-5
+    )
+
+
+OTHER_METHODS = {
+    "ia3-gpt2": (
+        "gpt2",
+        lambda: dh.IA3(targets=["c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
+        lambda: peft.IA3Config(
+            target_modules=["c_attn", "mlp.c_proj"],
+            feedforward_modules=["mlp.c_proj"],
+            init_ia3_weights=False,
+        ),
+    ),
+    "ia3": (
+        "llama",
+        lambda: dh.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]),
+        lambda: peft.IA3Config(
+            target_modules=["k_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            init_ia3_weights=False,
+        ),
+    ),
+    "ln_tuning": (
+        "llama",
+        lambda: dh.LNTuning(targets=["input_layernorm", "model.norm"]),
+        lambda: peft.LNTuningConfig(target_modules=["post_attention_layernorm"]),
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(OTHER_METHODS))
+def test_ia3_and_ln_tuning_go_both_ways_with_the_same_outputs(method, tmp_path):
+    name, ours_spec, peft_config = OTHER_METHODS[method]
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    base = copy.deepcopy(model.eval())
+    delta = dh.attach(model, ours_spec())
+    randomise(delta)
+    delta.save_peft(tmp_path / "ours")
+    want = logits(model, inputs)
+    torch.testing.assert_close(
+        logits(peft_from(tmp_path / "ours", base), inputs), want, atol=1e-5, rtol=0
+    )
+    delta.detach()
+    # PEFT-made (random vectors / perturbed copies) -> ours -> PEFT
+    made = peft.get_peft_model(copy.deepcopy(base), peft_config()).eval()
+    with torch.no_grad():
+        for param in made.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.2)
+    made.save_pretrained(tmp_path / "made")
+    want = logits(made, inputs)
+    imported = dh.load_peft(model, tmp_path / "made")
+    torch.testing.assert_close(logits(model, inputs), want, atol=1e-5, rtol=0)
+    imported.save_peft(tmp_path / "again")
+    again = logits(peft_from(tmp_path / "again", base), inputs)
+    torch.testing.assert_close(again, want, atol=1e-5, rtol=0)
+
+
+def test_what_peft_cannot_hold_is_refused_and_nothing_is_written(tmp_path):
+    model, _ = MODELS["llama"]()
+    before = snapshot(model)
+    two_methods = dh.attach(model, [dh.LoRA(targets=["q_proj"]), dh.IA3(targets=["k_proj"])])
+    with pytest.raises(dh.UnsupportedOperationError, match="one adapter type"):
+        two_methods.save_peft(tmp_path / "a")
+    two_methods.detach()
+    two_loras = dh.attach(
+        model, [dh.LoRA(targets=["q_proj"]), dh.LoRA(targets=["v_proj"], dropout=0.1)]
+    )
+    with pytest.raises(dh.UnsupportedOperationError, match="differ in dropout"):
+        two_loras.save_peft(tmp_path / "b")
+    two_loras.detach()
+    prompt = dh.attach(model, dh.ReFT(targets=dh.Paths(["model.layers.0"]), rank=1))
+    with pytest.raises(dh.UnsupportedOperationError, match="no PEFT equivalent"):
+        prompt.save_peft(tmp_path / "c")
+    prompt.detach()
+    assert not any(tmp_path.iterdir())
+    assert_restored(model, before)
