@@ -94,9 +94,9 @@ CASES = [
     ),
     (
         "unsupported peft_type",
-        lambda t: rewrite_config(t, peft_type="IA3"),
+        lambda t: rewrite_config(t, peft_type="POLY"),
         dh.DeltaFileError,
-        "'IA3' is not supported",
+        "'POLY' is not supported",
     ),
     (
         "unknown target names",
