@@ -8,7 +8,7 @@
 Importing this package never imports transformers.
 """
 
-from .attach import attach, deltas, detach
+from .attach import attach, deltas, detach, set_active
 from .delta import Delta
 from .errors import (
     DeltaError,
@@ -84,6 +84,7 @@ __all__ = [
     "register_method",
     "resolve_targets",
     "save_peft",
+    "set_active",
     "stored",
     "summary",
     "tensor_options",

@@ -7,7 +7,7 @@ model is touched, and if installing fails halfway the ledger undoes what was don
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -287,6 +287,43 @@ def deltas(model: nn.Module) -> dict[str, Delta]:
     for _, _, registry in registries_under(model):
         found.update(registry.deltas)
     return found
+
+
+def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
+    """Enable the named deltas on ``model`` and disable the rest (they stay attached).
+
+    Several active deltas add up (each acts on what the layer computes, as when attached
+    one after another). A compiled model switches without recompiling for deltas whose
+    sites are hooks or parametrizations (every method but ``Full`` and prompt/prefix
+    tuning, which change attributes or the call itself).
+
+    Example:
+        >>> import torch, deltahooks as dh
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> a = dh.attach(model, dh.LoRA(targets=["0"]), name="a")
+        >>> b = dh.attach(model, dh.LoRA(targets=["0"]), name="b")
+        >>> dh.set_active(model, ["b"])
+        >>> a.enabled, b.enabled
+        (False, True)
+    """
+    wanted = {names} if isinstance(names, str) else set(names)
+    found = deltas(model)
+    unknown = sorted(wanted - set(found))
+    if unknown:
+        raise DeltaStateError(
+            f"no delta named {unknown} on {type(model).__name__}; attached: {sorted(found)}"
+        )
+    merged = sorted(name for name, delta in found.items() if delta.merged and name not in wanted)
+    if merged:
+        raise DeltaStateError(
+            f"deltas {merged} are merged into the weights, so they cannot be switched off; "
+            "call delta.unmerge() on them first"
+        )
+    for name, delta in found.items():
+        if name in wanted:
+            delta.enable()
+        else:
+            delta.disable()
 
 
 def detach(model: nn.Module) -> None:

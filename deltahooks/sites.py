@@ -34,24 +34,37 @@ from .ledger import Ledger
 
 
 class Switch:
-    """State every hook of one delta reads on each call: flipping it adds no hooks."""
+    """State every hook of one delta reads on each call: flipping it adds no hooks.
 
-    __slots__ = ("active", "enabled", "merged", "name")
+    ``gate`` is ``active`` as a 0-dim bool tensor, changed in place: compiled code
+    selects with it instead of branching on ``active``, so enabling or disabling a delta
+    under ``torch.compile`` reuses the graph instead of recompiling it.
+    """
+
+    __slots__ = ("active", "enabled", "gate", "merged", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.enabled = True
         self.merged = False
         self.active = True
+        self.gate = torch.ones((), dtype=torch.bool)
 
     def update(self) -> None:
         self.active = self.enabled and not self.merged
+        self.gate.fill_(self.active)
 
     def __getstate__(self):
         return (self.name, self.enabled, self.merged, self.active)
 
     def __setstate__(self, state) -> None:
         self.name, self.enabled, self.merged, self.active = state
+        self.gate = torch.tensor(self.active)
+
+
+def gated(switch: Switch, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` while the delta is active, else ``old``, decided inside a compiled graph."""
+    return torch.where(switch.gate.to(old.device), new, old)
 
 
 class MergedGuard:
@@ -259,7 +272,8 @@ class OutputHook:
         self.hook_id = -1
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
-        if not self.switch.active:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not self.switch.active:
             return None
         tensors = self.source.gather(module)
         y = first_tensor(output)
@@ -272,12 +286,15 @@ class OutputHook:
         _refuse_meta(self.switch, module, y, tensors)
         writable = (
             self.in_place
+            and not compiling
             and y is output
             and next(iter(module._forward_hooks)) == self.hook_id
             and not _global_forward_hooks
             and y.is_contiguous()
         )
         new = _call(self.switch, module, x, tensors, self.fn, module, x, y, tensors, writable)
+        if compiling:
+            new = gated(self.switch, new, y)
         return new if y is output else with_first(output, new)
 
 
@@ -292,7 +309,8 @@ class InputHook:
         self.source = source
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        if not self.switch.active:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not self.switch.active:
             return None
         tensors = self.source.gather(module)
         if args:
@@ -306,7 +324,10 @@ class InputHook:
         if x is None:
             return None
         _refuse_meta(self.switch, module, x, tensors)
-        new = with_first(first, _call(self.switch, module, x, tensors, self.fn, module, x, tensors))
+        new_x = _call(self.switch, module, x, tensors, self.fn, module, x, tensors)
+        if compiling:
+            new_x = gated(self.switch, new_x, x)
+        new = with_first(first, new_x)
         if args:
             rest = args[1:]
             return (new, *rest), kwargs
@@ -356,11 +377,13 @@ class WeightFunction(nn.Module):
         self.__dict__["owner"] = owner
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.switch.active:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not self.switch.active:
             return weight
         tensors = self.source.gather(self.owner)
         _refuse_meta(self.switch, self.owner, weight, tensors)
-        return _call(self.switch, self.owner, weight, tensors, self.fn, weight, tensors)
+        new = _call(self.switch, self.owner, weight, tensors, self.fn, weight, tensors)
+        return gated(self.switch, new, weight) if compiling else new
 
 
 class RedirectHook:
