@@ -25,6 +25,7 @@ from .loading import load
 from .merging import stored
 from .methods import (
     IA3,
+    OFT,
     Adapter,
     BitFit,
     Compacter,
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IA3",
+    "OFT",
     "Adapter",
     "BitFit",
     "Compacter",

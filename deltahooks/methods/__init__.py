@@ -8,6 +8,7 @@ from .ia3 import IA3
 from .ln_tuning import LNTuning
 from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
+from .oft import OFT
 from .parallel_adapter import ParallelAdapter
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
@@ -15,6 +16,7 @@ from .reft import ReFT
 
 __all__ = [
     "IA3",
+    "OFT",
     "Adapter",
     "BitFit",
     "Compacter",
