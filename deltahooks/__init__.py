@@ -24,6 +24,7 @@ from .interop.peft import load_peft
 from .loading import load
 from .merging import stored
 from .methods import (
+    BOFT,
     IA3,
     OFT,
     Adapter,
@@ -46,6 +47,7 @@ from .targets import Paths, resolve_targets
 __version__ = "0.1.0"
 
 __all__ = [
+    "BOFT",
     "IA3",
     "OFT",
     "Adapter",

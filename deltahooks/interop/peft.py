@@ -206,4 +206,5 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
     return [spec], state
 
 
+from . import peft_boft  # noqa: E402, F401, I001  (registers the BOFT importer)
 from . import peft_oft  # noqa: E402, F401  (registers the OFT importer)

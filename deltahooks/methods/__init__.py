@@ -2,6 +2,7 @@
 
 from .adapter import Adapter
 from .bitfit import BitFit
+from .boft import BOFT
 from .compacter import Compacter
 from .full import Full
 from .ia3 import IA3
@@ -15,6 +16,7 @@ from .prompt_tuning import PromptTuning
 from .reft import ReFT
 
 __all__ = [
+    "BOFT",
     "IA3",
     "OFT",
     "Adapter",
