@@ -66,7 +66,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`: use the pa
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "oft_boft_vs_peft.md"
-METHODS = ("oft",)
+METHODS = ("oft", "boft")
 TARGETS = ["q_proj", "v_proj"]
 LABELS = {"oft": "OFT", "boft": "BOFT"}
 GOALS = {"forward": 1.00, "train": 1.00, "merged": 1.01, "memory": 1.00}
@@ -106,15 +106,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def attach_ours(method: str, model: nn.Module, args: argparse.Namespace) -> dh.Delta:
     """Non-identity values on our side (a delta left at its start would hide a wrong path)."""
-    spec = dh.OFT(targets=TARGETS, init="random")
-    return dh.attach(model, spec)
+    if method == "oft":
+        return dh.attach(model, dh.OFT(targets=TARGETS, init="random"))
+    return dh.attach(model, dh.BOFT(targets=TARGETS, block_size=4, init="random"))
 
 
 def attach_peft(method: str, model: nn.Module) -> nn.Module:
     """PEFT's model; its trainable tensors kept in the model dtype (no fp32 upcast), as ours."""
-    from peft import OFTConfig, get_peft_model
+    from peft import BOFTConfig, OFTConfig, get_peft_model
+    from peft.tuners.boft import layer
 
-    config = OFTConfig(target_modules=TARGETS)
+    if method == "oft":
+        config = OFTConfig(target_modules=TARGETS)
+    else:
+        # one butterfly factor: PEFT's path without its CUDA extension, which it would
+        # otherwise try (and, without nvcc, fail) to build for every layer
+        layer.get_fbd_cuda = lambda: None
+        config = BOFTConfig(target_modules=TARGETS, boft_block_size=4)
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
@@ -129,6 +137,8 @@ def copy_into_peft(method: str, delta: dh.Delta, peft_model: nn.Module) -> int:
             local = key.rsplit(".", 1)[1]
             if local == "oft_R":
                 layer.oft_R["default"].weight.copy_(tensor)
+            else:
+                getattr(layer, local)["default"].copy_(tensor)
             count += 1
     return count
 
