@@ -25,7 +25,9 @@ from .interop.peft_export import save_peft
 from .loading import load
 from .merging import stored
 from .methods import (
+    BOFT,
     IA3,
+    OFT,
     Adapter,
     BitFit,
     Compacter,
@@ -46,7 +48,9 @@ from .targets import Paths, resolve_targets
 __version__ = "0.1.0"
 
 __all__ = [
+    "BOFT",
     "IA3",
+    "OFT",
     "Adapter",
     "BitFit",
     "Compacter",

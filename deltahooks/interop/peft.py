@@ -206,4 +206,9 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
     return [spec], state
 
 
-from . import peft_ia3_ln  # noqa: E402, F401  (registers its importers and exporters)
+# each method's importer (and exporter) registers itself when its module is imported
+from . import (  # noqa: E402, F401
+    peft_boft,
+    peft_ia3_ln,
+    peft_oft,
+)

@@ -2,19 +2,23 @@
 
 from .adapter import Adapter
 from .bitfit import BitFit
+from .boft import BOFT
 from .compacter import Compacter
 from .full import Full
 from .ia3 import IA3
 from .ln_tuning import LNTuning
 from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
+from .oft import OFT
 from .parallel_adapter import ParallelAdapter
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 from .reft import ReFT
 
 __all__ = [
+    "BOFT",
     "IA3",
+    "OFT",
     "Adapter",
     "BitFit",
     "Compacter",

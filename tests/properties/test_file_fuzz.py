@@ -38,6 +38,8 @@ def every_method() -> list[dh.DeltaSpec]:
         dh.BitFit(targets=["mlp.c_fc"]),
         dh.LNTuning(targets=["ln_1"]),
         dh.IA3(targets=["attn.c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
+        dh.OFT(targets=["attn.c_proj"], block_size=4),
+        dh.BOFT(targets=["mlp.c_fc"], block_size=2, butterfly_factor=2),
         dh.PromptTuning(num_tokens=2),
         dh.PrefixTuning(num_tokens=2, reparameterize=False),
     ]

@@ -44,9 +44,11 @@ OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
     "parallel_adapter": lambda paths: dh.ParallelAdapter(targets=paths, bottleneck=1, scale=0.5),
     "reft": lambda paths: dh.ReFT(targets=paths, rank=1, positions="f1+l1"),
     "bitfit": lambda paths: dh.BitFit(targets=paths),
+    "boft": lambda paths: dh.BOFT(targets=paths),
     "ia3": lambda paths: dh.IA3(targets=paths, feedforward=[paths[0]]),
     "ia3_output": lambda paths: dh.IA3(targets=paths),
     "lntuning": lambda paths: dh.LNTuning(),  # every norm (none in the random trees)
+    "oft": lambda paths: dh.OFT(targets=paths),
     "prompt": lambda paths: dh.PromptTuning(num_tokens=2),  # transformers models only
     "prefix": lambda paths: dh.PrefixTuning(num_tokens=2, reparameterize=False),
 }

@@ -1,0 +1,70 @@
+"""Import PEFT BOFT adapters (``peft_type`` ``"BOFT"``).
+
+PEFT stores ``<path>.boft_R`` (``(butterfly factors, blocks, block_size, block_size)``,
+our layout) and ``<path>.boft_s`` (``(out, 1)``; Conv2d: ``(1, out)``, reshaped to ours).
+Block size and butterfly factor are read per layer from the tensors, and layers are
+grouped into one :class:`~deltahooks.BOFT` spec per pair.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import DeltaFileError, UnsupportedOperationError
+from ..layers import widths
+from ..targets import Paths
+from .peft import check_paths, peft_importer
+
+LOCALS = ("boft_R", "boft_s")
+
+
+@peft_importer("BOFT")
+def boft_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
+    """PEFT BOFT: butterfly Cayley rotations and output scales; ``boft_dropout`` refused."""
+    from ..methods import BOFT
+
+    if float(config.get("boft_dropout") or 0.0) > 0.0:
+        raise UnsupportedOperationError(
+            f"PEFT BOFT with boft_dropout={config['boft_dropout']} (blocks set to identity at "
+            "random while training) is not supported; train with boft_dropout=0.0"
+        )
+    found: dict[str, dict] = {}
+    other = []
+    for key, tensor in tensors.items():
+        path, _, local = key.rpartition(".")
+        if local in LOCALS:
+            found.setdefault(path, {})[local] = tensor
+        elif ".base_layer." not in key:  # PEFT also saves a tied or embedding layer's weight
+            other.append(key)
+    if other:
+        raise DeltaFileError(f"tensors {sorted(other)[:5]} belong to no BOFT layer")
+    incomplete = [path for path, pair in found.items() if set(pair) != set(LOCALS)]
+    if incomplete:
+        raise DeltaFileError(f"BOFT tensors without their pair at {incomplete[:5]}")
+    if not found:
+        return [], {}
+    check_paths(model, list(found))
+    groups: dict[tuple[int, int], list[str]] = {}
+    state = {}
+    for path, pair in found.items():
+        size = widths(model.get_submodule(path))
+        blocks, scale = pair["boft_R"], pair["boft_s"]
+        if (
+            size is None
+            or blocks.dim() != 4
+            or blocks.shape[1] * blocks.shape[2] != size[0]
+            or blocks.shape[2] != blocks.shape[3]
+            or scale.numel() != size[1]
+        ):
+            raise DeltaFileError(
+                f"BOFT tensors of {path!r} have shapes {tuple(blocks.shape)} and "
+                f"{tuple(scale.shape)}, which do not fit that layer (in, out) = {size}"
+            )
+        groups.setdefault((int(blocks.shape[2]), int(blocks.shape[0])), []).append(path)
+        state[f"{path}.boft_R"] = blocks
+        state[f"{path}.boft_s"] = scale.reshape(-1, 1)
+    specs = [
+        BOFT(targets=Paths(paths), block_size=size, butterfly_factor=factor)
+        for (size, factor), paths in groups.items()
+    ]
+    return specs, state
