@@ -4,6 +4,11 @@ An output site adds the bypass to the unchanged module's output; merging folds `
 into the weight, so a merged forward costs what the base costs. Tensor layouts follow
 PEFT (``A``: r × fan-in, ``B``: fan-out × r; for embeddings ``A``: r × num_embeddings,
 ``B``: embedding_dim × r) so files convert without transposes.
+
+DoRA (Liu et al., 2024) rescales each output channel of ``W + sBA`` to a learned
+magnitude ``m``: ``W' = m ⊙ (W + sBA) / ‖W + sBA‖`` (norm per output channel, treated as
+a constant in backward, as the paper's section 4.3 and PEFT do). It is computed on the
+layer's output, like PEFT: ``y + (m/‖·‖ - 1) ⊙ (Wx) + (m/‖·‖) ⊙ sBAx``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,17 @@ from torch import nn
 
 from .. import validate
 from ..errors import UnsupportedModuleError, warn
-from ..layers import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, kind_of, to_weight_layout, widths
+from ..layers import (
+    CONV,
+    CONV1D_GPT2,
+    EMBEDDING,
+    LINEAR,
+    along_channels,
+    channel_dim,
+    kind_of,
+    to_weight_layout,
+    widths,
+)
 from ..merging import stored
 from ..sites import OutputSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
@@ -83,6 +98,15 @@ class LoRA(DeltaSpec):
         alpha_pattern: per-target ``alpha`` overrides, ``{pattern: alpha}``, matched
             like ``rank_pattern``; values are finite numbers ``>= 0``. Default ``{}``.
             PEFT: ``alpha_pattern``.
+        dora: weight-decomposed LoRA (DoRA; Liu et al., 2024, "DoRA: Weight-Decomposed
+            Low-Rank Adaptation"): each output channel of ``W + sBA`` is rescaled to a
+            trained magnitude, ``W' = m ⊙ (W + sBA) / ‖W + sBA‖``, with the norm taken per
+            output channel and treated as a constant in backward (the paper's section
+            4.3, as PEFT does). ``m`` (``lora_magnitude_vector``, PEFT's name and shape:
+            one value per output channel, ``(1, C, 1, …)`` for convolutions) starts at
+            ``‖W + sBA‖``, so with ``init="default"`` the outputs are unchanged at attach.
+            Costs one ``out × in`` temporary per layer and forward (the norm) on top of
+            LoRA. ``delta.merge()`` writes ``W'``. Default ``False``. PEFT: ``use_dora``.
 
     Example:
         >>> import torch, deltahooks as dh
@@ -101,6 +125,7 @@ class LoRA(DeltaSpec):
     init: Literal["default", "gaussian", "random"] = "default"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    dora: bool = False
 
     def validate(self) -> None:
         validate.pattern_dict("LoRA", "rank_pattern", self.rank_pattern, "{'down_proj': 4}")
@@ -112,6 +137,7 @@ class LoRA(DeltaSpec):
         validate.probability("LoRA", "dropout", self.dropout)
         validate.flag("LoRA", "rslora", self.rslora)
         validate.one_of("LoRA", "init", self.init, INITS)
+        validate.flag("LoRA", "dora", self.dora)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         kind = kind_of(module)
@@ -155,16 +181,46 @@ class LoRA(DeltaSpec):
                 )
             _initialise(a, b, self.init, kind, rank)
         dropout = 0.0 if kind == EMBEDDING else self.dropout
+        tensors = {"lora_A": a, "lora_B": b}
+        if self.dora:
+            return self._dora_part(path, module, tensors, kind, scale, dropout, device)
         # prepend: the update is part of the layer, so it runs before any other forward
         # hook of the module (an Adapter on the same output sees base + update, merged or not)
         site = OutputSite(
             partial(bypass, kind, scale, dropout), ("lora_A", "lora_B"), in_place=True, prepend=True
         )
+        return Part(path, tensors, [site], merge=partial(merged_weight, scale))
+
+    def _dora_part(self, path, module, tensors, kind, scale, dropout, device) -> Part:
+        weight = module.weight
+        out = widths(module)[1]
+        shape = (1, out, *([1] * (weight.dim() - 2))) if kind == CONV else (out,)
+        like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
+        magnitude = torch.empty(shape, **like)
+        if device is None:  # ‖W + sBA‖ per output channel: m / ‖·‖ = 1 at attach
+            norm = weight_norm(kind, scale, weight, tensors["lora_A"], tensors["lora_B"])
+            magnitude.copy_(norm.view(shape))
+        tensors["lora_magnitude_vector"] = magnitude
+        # An output site, not a weight site: W' as a parametrized weight would make
+        # autograd form the full out × in gradient of W' (one more GEMM as large as the
+        # forward's) in every training step; on the output the magnitude's gradient is a
+        # per-channel reduction. Timed on CPU, 1024² Linear, 512 tokens: the weight site
+        # took 1.3x the train step of this site and the same forward.
+        site = OutputSite(
+            partial(dora_bypass, kind, scale, dropout),
+            ("lora_A", "lora_B", "lora_magnitude_vector"),
+            in_place=True,
+            prepend=True,
+        )
+        # a scale of the layer's channels: exact to merge only while no other unmerged
+        # delta adds to the same layer (its update would be rescaled too, or not)
         return Part(
             path,
-            {"lora_A": a, "lora_B": b},
+            tensors,
             [site],
-            merge=partial(merged_weight, scale),
+            merge=partial(dora_merged_weight, kind, scale),
+            merge_order=2,
+            exclusive_merge=True,
         )
 
 
@@ -220,3 +276,85 @@ def merged_weight(scale: float, module: nn.Module, tensors) -> dict[str, torch.T
     weight = stored(module, "weight")  # not a Full copy, not a parametrization
     update = delta_weight(scale, module, tensors)
     return {"weight": (weight.to(update.dtype) + update).to(weight.dtype)}
+
+
+# ---------------------------------------------------------------------------- DoRA
+def weight_norm(kind: str, scale: float, weight, a, b) -> torch.Tensor:
+    """``‖W + sBA‖`` per output channel, shape ``(out,)``, outside autograd (DoRA §4.3).
+
+    Formed in the weight's own layout (one ``addmm``, no transposed copy of ``W``).
+    """
+    weight, a, b = weight.detach(), a.detach(), b.detach()
+    if kind == LINEAR:
+        return torch.linalg.vector_norm(torch.addmm(weight, b, a, alpha=scale), dim=1)
+    if kind == CONV:
+        full = torch.addmm(weight.flatten(1), b.flatten(1), a.flatten(1), alpha=scale)
+        return torch.linalg.vector_norm(full, dim=1)
+    # GPT-2 Conv1D (in × out) and Embedding (num_embeddings × dim): channels are columns
+    return torch.linalg.vector_norm(torch.addmm(weight, a.t(), b.t(), alpha=scale), dim=0)
+
+
+def _add_lora(w: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``w + h Bᵀ`` over the last dimension, into ``w`` (a fresh tensor) where it can."""
+    h = h.reshape(-1, h.shape[-1])
+    if w.is_contiguous():
+        w.view(-1, w.shape[-1]).addmm_(h, b.t())
+        return w
+    return torch.addmm(w.reshape(-1, w.shape[-1]), h, b.t()).view(w.shape)
+
+
+def dora_bypass(kind: str, scale: float, dropout: float, module, x, y, tensors, writable):
+    """``y + (f - 1) ⊙ Wx + f ⊙ sBAx`` with ``f = m / ‖W + sBA‖`` per output channel.
+
+    Written as PEFT writes it, so that ``f = 1`` and ``B = 0`` give back ``y`` bit for
+    bit. ``f`` is folded into ``B`` (``out × r``, cheap) rather than applied to the
+    ``tokens × out`` LoRA output. With dropout in training, ``Wx`` is recomputed from
+    the dropped input, as in PEFT.
+    """
+    a, b, magnitude = tensors
+    weight = module.weight
+    factor = magnitude.reshape(-1) / weight_norm(kind, scale, weight, a, b)
+    dim = channel_dim(module)
+    b = b * (factor * scale).view(-1, *([1] * (b.dim() - 1)))
+    bias = None if kind == EMBEDDING else module.bias
+    if dropout and module.training:
+        x = F.dropout(x, dropout, True)
+        if kind == CONV:
+            base = module._conv_forward(x, weight, None)
+        else:
+            base = F.linear(x, weight if kind == LINEAR else weight.t())
+    elif bias is None:
+        base = y
+    else:
+        base = y - along_channels(bias, dim, y.dim())
+    w = base * along_channels(factor - 1, dim, base.dim())
+    if kind == CONV:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
+        w.add_(conv(module._conv_forward(x, a, None), b))
+    elif kind == EMBEDDING:
+        w = _add_lora(w, F.embedding(x, a.t(), module.padding_idx), b)
+    else:
+        w = _add_lora(w, F.linear(x, a), b)
+    # y itself is kept for backward (by the product above) only when it was ``base``
+    if writable and base is not y:
+        return y.add_(w)
+    return y + w
+
+
+def _channel_rows(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight as ``out × in`` (a view): one row per output channel."""
+    if kind in (CONV1D_GPT2, EMBEDDING):
+        return weight.t()
+    return weight.flatten(1)
+
+
+def dora_merged_weight(kind: str, scale: float, module: nn.Module, tensors) -> dict:
+    """``m ⊙ (W + sBA) / ‖W + sBA‖`` in the weight's layout; the bias is unchanged."""
+    weight = stored(module, "weight")
+    full = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    full = full + delta_weight(scale, module, tensors)
+    rows = _channel_rows(kind, full)
+    factor = tensors["lora_magnitude_vector"].reshape(-1).to(full.dtype)
+    factor = factor / torch.linalg.vector_norm(rows, dim=1)
+    merged = rows * factor[:, None]
+    return {"weight": to_weight_layout(module, merged).to(weight.dtype)}

@@ -39,6 +39,7 @@ import deltahooks as dh
 NAMES = ["a", "b", "c"]
 HAND_WRITTEN = {"lora", "full", "adapter"}  # the reference spells these out itself
 OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
+    "dora": lambda paths: dh.LoRA(targets=paths, r=1, alpha=2.0, dora=True, init="random"),
     "compacter": lambda paths: dh.Compacter(targets=paths, reduction_factor=2, phm_dim=2),
     "low_rank_adapter": lambda paths: dh.LowRankAdapter(targets=paths, reduction_factor=2),
     "parallel_adapter": lambda paths: dh.ParallelAdapter(targets=paths, bottleneck=1, scale=0.5),
@@ -182,7 +183,7 @@ class Lifecycle(RuleBasedStateMachine):
                 state = delta.state_dict()
                 for index, spec in enumerate(self.specs[name]):
                     views = [v for v in delta.parts if v.spec_index == index]
-                    if spec.method not in HAND_WRITTEN:
+                    if spec.method not in HAND_WRITTEN or getattr(spec, "dora", False):
                         later.append(("attach", f"{name}_{index}", spec, state))
                         continue
                     for view in views:
