@@ -36,6 +36,7 @@ from .methods import (
     PrefixTuning,
     PromptTuning,
     ReFT,
+    loraplus_param_groups,
 )
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
@@ -79,6 +80,7 @@ __all__ = [
     "detach",
     "load",
     "load_peft",
+    "loraplus_param_groups",
     "register_method",
     "resolve_targets",
     "stored",

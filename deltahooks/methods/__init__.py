@@ -6,7 +6,7 @@ from .compacter import Compacter
 from .full import Full
 from .ia3 import IA3
 from .ln_tuning import LNTuning
-from .lora import LoRA
+from .lora import LoRA, loraplus_param_groups
 from .low_rank_adapter import LowRankAdapter
 from .parallel_adapter import ParallelAdapter
 from .prefix_tuning import PrefixTuning
@@ -26,4 +26,5 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "ReFT",
+    "loraplus_param_groups",
 ]
