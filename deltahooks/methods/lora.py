@@ -248,8 +248,8 @@ class LoRA(DeltaSpec):
         # An output site, not a weight site: W' as a parametrized weight would make
         # autograd form the full out × in gradient of W' (one more GEMM as large as the
         # forward's) in every training step; on the output the magnitude's gradient is a
-        # per-channel reduction. Timed on CPU, 1024² Linear, 512 tokens: the weight site
-        # took 1.3x the train step of this site and the same forward.
+        # per-channel reduction. Timed (CPU, 1 thread, 1024² Linear, 512 tokens, median of
+        # 20 interleaved rounds): train step 1.6x slower as a weight site, forward 0.94-0.99x.
         site = OutputSite(
             partial(dora_bypass, kind, scale, dropout),
             ("lora_A", "lora_B", "lora_magnitude_vector"),
