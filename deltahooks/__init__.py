@@ -39,6 +39,7 @@ from .methods import (
     PrefixTuning,
     PromptTuning,
     ReFT,
+    loraplus_param_groups,
 )
 from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
@@ -85,6 +86,7 @@ __all__ = [
     "detach",
     "load",
     "load_peft",
+    "loraplus_param_groups",
     "register_method",
     "resolve_targets",
     "save_peft",

@@ -62,11 +62,12 @@ class Plan:
     shared: list[dict[str, torch.Tensor]]  # per spec: shared tensors, stored on the root
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """``{delta state_dict key: planned tensor}``."""
+        """``{delta state_dict key: planned tensor}`` (what a file of it holds)."""
         planned = {local: value for shared in self.shared for local, value in shared.items()}
         for part in self.parts:
             for (owner, local), (value, _) in part.tensors.items():
-                planned[join(owner, local)] = value
+                if (owner, local) not in part.unsaved:
+                    planned[join(owner, local)] = value
         return planned
 
 

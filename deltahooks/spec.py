@@ -174,6 +174,9 @@ class Part:
             delta adds). Additive updates (LoRA, BitFit) commute with everything and leave
             it False; their output sites use ``prepend=True`` so they count as part of the
             layer for every other hook.
+        unsaved: local names of buffers in ``tensors`` that the method rebuilds in
+            ``make_part`` from the base model (a weight's residual, say): they live on the
+            model while attached but are not part of the delta's ``state_dict`` or file.
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class Part:
         cannot_merge: str = "",
         merge_order: int = 1,
         exclusive_merge: bool = False,
+        unsaved: Iterable[str] = (),
     ) -> None:
         self.path = path
         self.tensors: dict[TensorKey, tuple[torch.Tensor, bool]] = {}
@@ -197,6 +201,7 @@ class Part:
         self.cannot_merge = cannot_merge
         self.merge_order = merge_order
         self.exclusive_merge = exclusive_merge
+        self.unsaved = {(path, local) for local in unsaved}
         self.spec_index = 0  # which spec of its Delta made it
         self.entries: list[TensorEntry] = []  # the ledger entries holding this part's tensors
         self.merges: list[Merged] = []  # what merge() swapped in, for unmerge()
@@ -208,7 +213,10 @@ class Part:
         """Register the tensors once, then the sites (which merging takes away again)."""
         self.shared = shared
         for (owner, local), (value, is_parameter) in self.tensors.items():
-            self.entries.append(ledger.add_tensor(owner, local, value, parameter=is_parameter))
+            saved = (owner, local) not in self.unsaved
+            self.entries.append(
+                ledger.add_tensor(owner, local, value, parameter=is_parameter, saved=saved)
+            )
         for owner in dict.fromkeys(owner for owner, _ in self.tensors):
             ledger.forgive_missing_delta_keys(owner)
         self.tensors = {}
@@ -280,4 +288,5 @@ def tensor_keys(parts: Iterable[Part]) -> dict[str, torch.Tensor]:
         join(owner, local): value
         for part in parts
         for (owner, local), (value, _) in part.tensors.items()
+        if (owner, local) not in part.unsaved
     }

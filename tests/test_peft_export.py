@@ -48,13 +48,14 @@ SPECS = {
         dh.Full(targets=["lm_head"]),
     ],
     "gpt2": [dh.LoRA(targets=["c_attn", "c_fc"], r=2, alpha=4, dropout=0.1)],
+    "llama-dora": [dh.LoRA(targets=["q_proj", "down_proj"], r=2, dora=True)],
 }
 
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_peft_loads_our_lora_with_the_same_outputs(name, tmp_path):
     torch.manual_seed(0)
-    model, inputs = MODELS[name]()
+    model, inputs = MODELS[name.split("-")[0]]()
     base = copy.deepcopy(model.eval())
     delta = dh.attach(model, SPECS[name])
     randomise(delta)
@@ -63,9 +64,10 @@ def test_peft_loads_our_lora_with_the_same_outputs(name, tmp_path):
     torch.testing.assert_close(logits(theirs, inputs), logits(model, inputs), rtol=0, atol=1e-5)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] == (name == "gpt2")
+    assert config["use_dora"] == name.endswith("dora")
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_peft_to_ours_to_peft_keeps_the_outputs(name, tmp_path):
     """A PEFT-made adapter, imported and written again, is the same adapter to PEFT."""
     torch.manual_seed(0)
@@ -153,6 +155,10 @@ def test_what_peft_cannot_hold_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(dh.UnsupportedOperationError, match="differ in dropout"):
         two_loras.save_peft(tmp_path / "b")
     two_loras.detach()
+    pissa = dh.attach(model, dh.LoRA(targets=["q_proj"], r=2, init="pissa"))
+    with pytest.raises(dh.UnsupportedOperationError, match="residual"):
+        pissa.save_peft(tmp_path / "d")
+    pissa.detach()
     prompt = dh.attach(model, dh.ReFT(targets=dh.Paths(["model.layers.0"]), rank=1))
     with pytest.raises(dh.UnsupportedOperationError, match="no PEFT equivalent"):
         prompt.save_peft(tmp_path / "c")

@@ -104,7 +104,12 @@ CASES = [
         dh.DeltaFileError,
         r"'query'.*Closest module paths: \[.*'q'",
     ),
-    ("DoRA", lambda t: rewrite_config(t, use_dora=True), NotImplementedError, "DoRA"),
+    (
+        "DoRA without magnitudes",
+        lambda t: rewrite_config(t, use_dora=True),
+        dh.DeltaFileError,
+        "without their magnitude vector",
+    ),
     (
         "missing weights",
         lambda t: (t / "adapter_model.safetensors").unlink(),

@@ -31,6 +31,7 @@ LORA_SUFFIXES = {
     ".lora_embedding_A": "lora_A",
     ".lora_embedding_B": "lora_B",
 }
+DORA_SUFFIXES = {".lora_magnitude_vector": "lora_magnitude_vector"}  # with use_dora
 
 
 Importer = Callable[[nn.Module, dict, dict[str, torch.Tensor]], tuple[list, dict]]
@@ -160,18 +161,16 @@ def load_peft(
 
 @peft_importer("LORA")
 def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
-    """PEFT LoRA: same tensor layouts as ours; rank and alpha patterns become exact paths."""
+    """PEFT LoRA (and DoRA, ``use_dora``): same tensor layouts and names as ours; rank and
+    alpha patterns become exact paths."""
     from ..methods import LoRA
 
-    if config.get("use_dora"):
-        raise UnsupportedOperationError(
-            "importing PEFT DoRA adapters is not supported yet; merge the adapter in PEFT, "
-            "or use plain LoRA"
-        )
+    dora = bool(config.get("use_dora", False))
+    suffixes = {**LORA_SUFFIXES, **DORA_SUFFIXES} if dora else LORA_SUFFIXES
     lora: dict[str, dict] = {}
     other = []
     for key, tensor in tensors.items():
-        for suffix, local in LORA_SUFFIXES.items():
+        for suffix, local in suffixes.items():
             if key.endswith(suffix):
                 lora.setdefault(key[: -len(suffix)], {})[local] = tensor
                 break
@@ -179,9 +178,11 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
             other.append(key)
     if other:
         raise DeltaFileError(f"tensors {sorted(other)[:5]} belong to no LoRA layer")
-    incomplete = [path for path, pair in lora.items() if set(pair) != {"lora_A", "lora_B"}]
+    expected = {"lora_A", "lora_B", *DORA_SUFFIXES.values()} if dora else {"lora_A", "lora_B"}
+    incomplete = [path for path, pair in lora.items() if set(pair) != expected]
     if incomplete:
-        raise DeltaFileError(f"LoRA tensors without their pair at {incomplete[:5]}")
+        what = "magnitude vector or pair" if dora else "pair"
+        raise DeltaFileError(f"LoRA tensors without their {what} at {incomplete[:5]}")
     if not lora:
         return [], {}
     paths = list(lora)
@@ -198,11 +199,9 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
         rslora=bool(config.get("use_rslora", False)),
         rank_pattern={exact[p]: ranks[p] for p in paths if ranks[p] != r},
         alpha_pattern={exact[p]: alphas[p] for p in paths if alphas[p] != alpha},
+        dora=dora,
     )
-    state = {}
-    for path, pair in lora.items():
-        state[f"{path}.lora_A"] = pair["lora_A"]
-        state[f"{path}.lora_B"] = pair["lora_B"]
+    state = {f"{path}.{local}": t for path, pair in lora.items() for local, t in pair.items()}
     return [spec], state
 
 

@@ -152,6 +152,14 @@ def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
 
     dropout = one_setting("LoRA", specs, "dropout")
     rslora = one_setting("LoRA", specs, "rslora")
+    dora = one_setting("LoRA", specs, "dora")
+    residual = sorted({spec.init for spec in specs} & {"pissa", "olora"})
+    if residual:
+        raise UnsupportedOperationError(
+            f"a LoRA with init={residual[0]!r} acts on a residual of the base weight, which a "
+            "PEFT adapter of the original base cannot express; keep it as a deltahooks file "
+            "with delta.save(...), or merge it"
+        )
     by_index = {part.spec_index: part for part in parts}
     spec_of = dict(zip(sorted(by_index), specs))
     ranks, alphas, tensors, fan_in_fan_out = {}, {}, {}, False
@@ -170,6 +178,9 @@ def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
             names = ("lora_A.weight", "lora_B.weight")
         tensors[f"{part.path}.{names[0]}"] = a.detach()
         tensors[f"{part.path}.{names[1]}"] = b.detach()
+        if dora:  # same name and layout as PEFT's
+            magnitude = f"{part.path}.lora_magnitude_vector"
+            tensors[magnitude] = part.tensors[magnitude].detach()
     r, alpha = most_common(ranks), most_common(alphas)
     fields = {
         "peft_type": "LORA",
@@ -181,7 +192,7 @@ def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": dora,
         "rank_pattern": {exact(p): k for p, k in ranks.items() if k != r},
         "alpha_pattern": {exact(p): v for p, v in alphas.items() if v != alpha},
     }

@@ -7,7 +7,7 @@ from .compacter import Compacter
 from .full import Full
 from .ia3 import IA3
 from .ln_tuning import LNTuning
-from .lora import LoRA
+from .lora import LoRA, loraplus_param_groups
 from .low_rank_adapter import LowRankAdapter
 from .oft import OFT
 from .parallel_adapter import ParallelAdapter
@@ -30,4 +30,5 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "ReFT",
+    "loraplus_param_groups",
 ]

@@ -29,6 +29,7 @@ def every_method() -> list[dh.DeltaSpec]:
         dh.LoRA(
             targets=["wte", "c_attn", "mlp.c_fc"], r=2, init="random", rank_pattern={"c_fc": 1}
         ),
+        dh.LoRA(targets=["attn.c_proj"], r=1, dora=True),
         dh.Full(targets=["ln_f"]),
         dh.Adapter(targets=["mlp.c_proj"], bottleneck=2, init="random"),
         dh.ParallelAdapter(targets=["mlp.c_proj"], bottleneck=2),

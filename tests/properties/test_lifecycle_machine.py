@@ -39,6 +39,8 @@ import deltahooks as dh
 NAMES = ["a", "b", "c"]
 HAND_WRITTEN = {"lora", "full", "adapter"}  # the reference spells these out itself
 OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
+    "pissa": lambda paths: dh.LoRA(targets=paths, r=1, alpha=2.0, init="pissa"),
+    "dora": lambda paths: dh.LoRA(targets=paths, r=1, alpha=2.0, dora=True, init="random"),
     "compacter": lambda paths: dh.Compacter(targets=paths, reduction_factor=2, phm_dim=2),
     "low_rank_adapter": lambda paths: dh.LowRankAdapter(targets=paths, reduction_factor=2),
     "parallel_adapter": lambda paths: dh.ParallelAdapter(targets=paths, bottleneck=1, scale=0.5),
@@ -52,6 +54,17 @@ OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
     "prompt": lambda paths: dh.PromptTuning(num_tokens=2),  # transformers models only
     "prefix": lambda paths: dh.PrefixTuning(num_tokens=2, reparameterize=False),
 }
+
+
+def reads_weight(spec) -> bool:
+    """DoRA and PiSSA compute from the layer's weight itself (its norm, its SVD). The
+    reference folds a hand-written LoRA into the weight, where the model adds it on the
+    output, so those two never share a layer with a hand-written LoRA here (what stacking
+    them on one layer means is tested in tests/methods)."""
+    options = spec.hyperparameters()
+    return spec.method == "lora" and bool(options.get("dora") or options.get("init") == "pissa")
+
+
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3, torch.bfloat16: 0.1}
 
 
@@ -162,6 +175,15 @@ class Lifecycle(RuleBasedStateMachine):
         self.tmp = tempfile.mkdtemp()
 
     # ------------------------------------------------------------ helpers
+    def layers_of(self, which) -> set[str]:
+        """Paths that attached deltas adapt with a spec for which ``which(spec)`` holds."""
+        found = set()
+        for name, delta in self.attached().items():
+            for view in delta.parts:
+                if which(self.specs[name][view.spec_index]):
+                    found.add(view.path)
+        return found
+
     def attached(self) -> dict[str, dh.Delta]:
         return dh.deltas(self.model)
 
@@ -184,7 +206,7 @@ class Lifecycle(RuleBasedStateMachine):
                 state = delta.state_dict()
                 for index, spec in enumerate(self.specs[name]):
                     views = [v for v in delta.parts if v.spec_index == index]
-                    if spec.method not in HAND_WRITTEN:
+                    if spec.method not in HAND_WRITTEN or reads_weight(spec):
                         later.append(("attach", f"{name}_{index}", spec, state))
                         continue
                     for view in views:
@@ -251,6 +273,8 @@ class Lifecycle(RuleBasedStateMachine):
         specs = []
         if methods in ("lora", "both"):
             chosen = data.draw(st.lists(st.sampled_from(self.paths), min_size=1, unique=True))
+            if set(chosen) & self.layers_of(reads_weight):
+                return  # see reads_weight: the oracle edits weights for LoRA
             specs.append(
                 dh.LoRA(targets=dh.Paths(chosen), r=r, alpha=2.0, rslora=rslora, init="random")
             )
@@ -285,6 +309,8 @@ class Lifecycle(RuleBasedStateMachine):
             st.lists(st.sampled_from(self.paths), min_size=1, max_size=2, unique=True)
         )
         spec = OTHER_METHODS[method](dh.Paths(chosen))
+        if reads_weight(spec) and set(chosen) & self.layers_of(lambda s: s.method == "lora"):
+            return
         delta = []
         if self.unchanged_by(
             lambda: delta.append(dh.attach(self.model, spec, name=name)), dh.DeltaError
