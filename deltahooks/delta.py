@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from .distributed import gathered, writes
 from .errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
 from .io import write_delta
 from .ledger import Ledger, TensorEntry
@@ -218,6 +219,9 @@ class Delta(nn.Module):
     def save(self, path: str | PathLike) -> None:
         """Write only the delta (tensors + spec + format version) to a ``.safetensors`` file.
 
+        On a model sharded with FSDP2 call it on every rank: the shards are gathered
+        (a collective) and rank 0 writes the file.
+
         Example:
             >>> import os, tempfile, torch, deltahooks as dh
             >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -231,14 +235,15 @@ class Delta(nn.Module):
             paths[part.spec_index].append(part.path)
             entries = [*part.shared.values(), *part.entries]
             keys[part.spec_index].update(entry.key for entry in entries if entry.saved)
-        state = self.state_dict()
+        state, sharded = gathered(self.state_dict())  # FSDP2: a collective, on every rank
         parts, stored = [], {}
         with torch.no_grad():  # each spec says what of it a file keeps (spec.saved)
             for spec, where, own in zip(self.specs, paths, keys):
                 kept, tensors = spec.saved({k: v for k, v in state.items() if k in own})
                 parts.append({**kept.describe(), "paths": where})
                 stored.update(tensors)
-        write_delta(path, self.name, parts, stored)
+        if writes(sharded):
+            write_delta(path, self.name, parts, stored)
 
     def save_peft(self, directory: str | PathLike, *, task_type: str | None = None) -> None:
         """Write a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.

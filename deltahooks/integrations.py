@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .attach import deltas
+from .distributed import gathered
 from .errors import DeltaFileError
 
 CHECKPOINT_NAME = "deltahooks_checkpoint.safetensors"
@@ -42,11 +43,11 @@ def save_checkpoint(model: nn.Module, directory: str) -> str:
             f"{type(model).__name__} has no delta attached, so a delta-only checkpoint would "
             "be empty; attach one before training (or use transformers.Trainer)"
         )
-    tensors = {
-        f"{name}/{key}": tensor.detach().to("cpu").contiguous().clone()
-        for name, delta in found.items()
-        for key, tensor in delta.state_dict().items()
+    live = {
+        f"{name}/{key}": t for name, delta in found.items() for key, t in delta.state_dict().items()
     }
+    live, _ = gathered(live)  # FSDP2 shards: a collective, on every rank
+    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in live.items()}
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, CHECKPOINT_NAME)
     save_file(tensors, path, {"format": "pt", "deltas": ",".join(found)})

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..distributed import gathered, writes
 from ..errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
 from .peft import PREFIX
 
@@ -92,7 +93,9 @@ def save_peft(delta, directory: str | os.PathLike, *, task_type: str | None = No
         "task_type": task_type,
         **fields,
     }
-    write(os.fspath(directory), config, {PREFIX + key: t for key, t in tensors.items()})
+    tensors, sharded = gathered(tensors)  # FSDP2 shards: a collective, on every rank
+    if writes(sharded):
+        write(os.fspath(directory), config, {PREFIX + key: t for key, t in tensors.items()})
 
 
 def write(directory: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
