@@ -6,6 +6,7 @@ from .compacter import Compacter
 from .full import Full
 from .ia3 import IA3
 from .ln_tuning import LNTuning
+from .loha import LoHa
 from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
 from .parallel_adapter import ParallelAdapter
@@ -20,6 +21,7 @@ __all__ = [
     "Compacter",
     "Full",
     "LNTuning",
+    "LoHa",
     "LoRA",
     "LowRankAdapter",
     "ParallelAdapter",
