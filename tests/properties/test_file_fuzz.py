@@ -37,6 +37,7 @@ def every_method() -> list[dh.DeltaSpec]:
         dh.ReFT(targets=dh.Paths(["transformer.h.0"]), rank=1, positions="f1+l1"),
         dh.BitFit(targets=["mlp.c_fc"]),
         dh.LNTuning(targets=["ln_1"]),
+        dh.LoHa(targets=["mlp.c_fc"], r=1),
         dh.IA3(targets=["attn.c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
         dh.PromptTuning(num_tokens=2),
         dh.PrefixTuning(num_tokens=2, reparameterize=False),

@@ -47,6 +47,7 @@ OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
     "ia3": lambda paths: dh.IA3(targets=paths, feedforward=[paths[0]]),
     "ia3_output": lambda paths: dh.IA3(targets=paths),
     "lntuning": lambda paths: dh.LNTuning(),  # every norm (none in the random trees)
+    "loha": lambda paths: dh.LoHa(targets=paths, r=1),
     "prompt": lambda paths: dh.PromptTuning(num_tokens=2),  # transformers models only
     "prefix": lambda paths: dh.PrefixTuning(num_tokens=2, reparameterize=False),
 }
