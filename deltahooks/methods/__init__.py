@@ -7,6 +7,7 @@ from .full import Full
 from .ia3 import IA3
 from .ln_tuning import LNTuning
 from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
 from .parallel_adapter import ParallelAdapter
@@ -22,6 +23,7 @@ __all__ = [
     "Full",
     "LNTuning",
     "LoHa",
+    "LoKr",
     "LoRA",
     "LowRankAdapter",
     "ParallelAdapter",

@@ -38,6 +38,7 @@ def every_method() -> list[dh.DeltaSpec]:
         dh.BitFit(targets=["mlp.c_fc"]),
         dh.LNTuning(targets=["ln_1"]),
         dh.LoHa(targets=["mlp.c_fc"], r=1),
+        dh.LoKr(targets=["attn.c_proj"], r=1),
         dh.IA3(targets=["attn.c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
         dh.PromptTuning(num_tokens=2),
         dh.PrefixTuning(num_tokens=2, reparameterize=False),
