@@ -112,8 +112,8 @@ class LoHa(DeltaSpec):
         fn = partial(hadamard_weight, kind_of(module) == CONV1D_GPT2, scale)
         # A weight site, not an output hook like PEFT's: both build the full-size update,
         # but adding it to W is one pass over the weight where F.linear(x, ΔW) is a second
-        # matmul over every token (1376×512 layer, CPU, 512 tokens: forward 0.54×, train
-        # step 0.65× the hook's time; parity at 1 token).
+        # matmul over every token (1376×512 layer, one CPU thread, 512 tokens: forward
+        # 0.53×, train step 0.70× the hook's time; about even at 1 token).
         return Part(
             path,
             tensors,
