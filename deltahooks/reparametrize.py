@@ -5,7 +5,11 @@ module's ``state_dict`` keys change, their order changes, and a base checkpoint 
 longer loads with ``strict=True``. Here one parametrization is added or removed at a
 time (others', the user's included, are left alone), and while deltahooks keeps any on a
 module, one pair of state-dict hooks maps the keys back: the base model saves and loads
-exactly the keys it had, in the order it had them. Removing the last one restores the
+exactly the keys it had, in the order it had them. A parametrized *parameter* also stays
+in the module's own ``_parameters`` under its name (the same object as torch's
+``original``), so ``named_parameters()`` lists it as ``<path>.weight``, not
+``<path>.parametrizations.weight.original``; attribute reads still go through the
+parametrization, whose class property comes first. Removing the last one restores the
 module's own parameter order too, so detach leaves ``_parameters`` as it found it.
 """
 
@@ -56,11 +60,15 @@ class KeyBook:
         state.update(subtree)  # then its children, as they came
 
     def load_hook(self, module: nn.Module, state: dict, prefix: str, *args) -> None:
-        """Accept a base checkpoint's ``<attr>`` for the parametrized original."""
+        """Accept a base checkpoint's ``<attr>`` for the parametrized original (and, for an
+        aliased parameter, torch's key for it too: both names then load the one tensor)."""
         for attr in self.attrs:
-            key = prefix + attr
+            key, original = prefix + attr, f"{prefix}parametrizations.{attr}.original"
+            aliased = attr in module._parameters
             if key in state:
-                state[f"{prefix}parametrizations.{attr}.original"] = state.pop(key)
+                state[original] = state[key] if aliased else state.pop(key)
+            elif aliased and original in state:
+                state[key] = state[original]
 
 
 def _book(module: nn.Module) -> KeyBook | None:
@@ -102,6 +110,10 @@ def add(module: nn.Module, attr: str, function: nn.Module) -> None:
     book.functions.setdefault(attr, []).append(function)
     if not was_parametrized:  # someone else's parametrization keeps torch's keys
         book.attrs.add(attr)
+        original = container[attr].original
+        if isinstance(original, nn.Parameter):  # listed under its own name, in its place
+            module._parameters[attr] = original
+            _reorder(module._parameters, book.parameter_order)
 
 
 def remove(module: nn.Module, attr: str, function: nn.Module) -> None:
@@ -125,6 +137,8 @@ def remove(module: nn.Module, attr: str, function: nn.Module) -> None:
     if book is None or attr in book.functions:
         return
     book.attrs.discard(attr)
+    if parametrize.is_parametrized(module, attr):  # a user's parametrization stays: its keys
+        module._parameters.pop(attr, None)
     if not book.functions:  # deltahooks keeps no parametrization here any more
         for handle in book.handles:
             handle.remove()

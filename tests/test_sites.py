@@ -229,8 +229,10 @@ def test_weight_site_keeps_the_base_keys_and_order_while_attached(tmp_path):
     before = snapshot(model)
     checkpoint = copy.deepcopy(model.state_dict())
     base_keys = list(checkpoint)
+    names = [n for n, _ in model.named_parameters()]
     delta = dh.attach(model, WeightShift(targets=["a", "norm"]))
     assert [k for k in model.state_dict() if "dh__" not in k] == base_keys
+    assert [n for n, _ in model.named_parameters() if "dh__" not in n] == names
     model.load_state_dict(checkpoint, strict=True)  # a base checkpoint loads as before
     expected_a = nn.functional.linear(x, checkpoint["a.weight"] + 0.25, checkpoint["a.bias"])
     torch.testing.assert_close(model.a(x), expected_a)
@@ -260,6 +262,7 @@ def test_two_weight_sites_on_one_weight_detach_in_either_order(order):
     first, second = (one, two) if order == "first-in-first-out" else (two, one)
     first.detach()
     assert list(model.state_dict())[:2] == ["a.weight", "a.bias"]
+    assert [n for n, _ in model.a.named_parameters() if "dh__" not in n] == ["weight", "bias"]
     second.detach()
     assert_restored(model, before)
     assert_outputs_equal(model(x), base)
@@ -270,8 +273,9 @@ def test_a_users_own_parametrization_keeps_its_keys():
     torch.nn.utils.parametrize.register_parametrization(model.b, "weight", nn.Identity())
     before = snapshot(model)
     delta = dh.attach(model, WeightShift(targets=["b"]))
-    # torch's keys for the user's own parametrization, as before
+    # torch's keys and parameter names for the user's own parametrization, as before
     assert [k for k in model.state_dict() if "dh__" not in k] == before.keys
+    assert "b.parametrizations.weight.original" in dict(model.named_parameters())
     delta.detach()
     assert_restored(model, before)
 

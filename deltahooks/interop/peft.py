@@ -209,5 +209,7 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
 from . import (  # noqa: E402, F401
     peft_boft,
     peft_ia3_ln,
+    peft_loha,
+    peft_lokr,
     peft_oft,
 )

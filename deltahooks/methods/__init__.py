@@ -7,6 +7,8 @@ from .compacter import Compacter
 from .full import Full
 from .ia3 import IA3
 from .ln_tuning import LNTuning
+from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA, loraplus_param_groups
 from .low_rank_adapter import LowRankAdapter
 from .oft import OFT
@@ -24,6 +26,8 @@ __all__ = [
     "Compacter",
     "Full",
     "LNTuning",
+    "LoHa",
+    "LoKr",
     "LoRA",
     "LowRankAdapter",
     "ParallelAdapter",

@@ -38,6 +38,8 @@ def every_method() -> list[dh.DeltaSpec]:
         dh.ReFT(targets=dh.Paths(["transformer.h.0"]), rank=1, positions="f1+l1"),
         dh.BitFit(targets=["mlp.c_fc"]),
         dh.LNTuning(targets=["ln_1"]),
+        dh.LoHa(targets=["mlp.c_fc"], r=1),
+        dh.LoKr(targets=["attn.c_proj"], r=1),
         dh.IA3(targets=["attn.c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
         dh.OFT(targets=["attn.c_proj"], block_size=4),
         dh.BOFT(targets=["mlp.c_fc"], block_size=2, butterfly_factor=2),

@@ -51,6 +51,8 @@ OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
     "ia3_output": lambda paths: dh.IA3(targets=paths),
     "lntuning": lambda paths: dh.LNTuning(),  # every norm (none in the random trees)
     "oft": lambda paths: dh.OFT(targets=paths),
+    "loha": lambda paths: dh.LoHa(targets=paths, r=1),
+    "lokr": lambda paths: dh.LoKr(targets=paths, r=1, decompose_both=True),
     "prompt": lambda paths: dh.PromptTuning(num_tokens=2),  # transformers models only
     "prefix": lambda paths: dh.PrefixTuning(num_tokens=2, reparameterize=False),
 }
