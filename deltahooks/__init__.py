@@ -36,6 +36,7 @@ from .methods import (
     PrefixTuning,
     PromptTuning,
     ReFT,
+    VeRA,
 )
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
@@ -73,6 +74,7 @@ __all__ = [
     "TargetError",
     "UnsupportedModuleError",
     "UnsupportedOperationError",
+    "VeRA",
     "WeightSite",
     "attach",
     "deltas",

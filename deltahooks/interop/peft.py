@@ -204,3 +204,6 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
         state[f"{path}.lora_A"] = pair["lora_A"]
         state[f"{path}.lora_B"] = pair["lora_B"]
     return [spec], state
+
+
+from . import peft_vera  # noqa: E402,F401  (registers its importer)

@@ -12,6 +12,7 @@ from .parallel_adapter import ParallelAdapter
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 from .reft import ReFT
+from .vera import VeRA
 
 __all__ = [
     "IA3",
@@ -26,4 +27,5 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "ReFT",
+    "VeRA",
 ]

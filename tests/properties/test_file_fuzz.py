@@ -40,6 +40,7 @@ def every_method() -> list[dh.DeltaSpec]:
         dh.IA3(targets=["attn.c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]),
         dh.PromptTuning(num_tokens=2),
         dh.PrefixTuning(num_tokens=2, reparameterize=False),
+        dh.VeRA(targets=["mlp.c_fc"], r=2),
     ]
 
 
