@@ -25,6 +25,7 @@ from .loading import load
 from .merging import stored
 from .methods import (
     IA3,
+    AdaLoRA,
     Adapter,
     BitFit,
     Compacter,
@@ -37,6 +38,7 @@ from .methods import (
     PromptTuning,
     ReFT,
     VeRA,
+    adalora_allocator,
 )
 from .sites import InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
@@ -47,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IA3",
+    "AdaLoRA",
     "Adapter",
     "BitFit",
     "Compacter",
@@ -76,6 +79,7 @@ __all__ = [
     "UnsupportedOperationError",
     "VeRA",
     "WeightSite",
+    "adalora_allocator",
     "attach",
     "deltas",
     "detach",

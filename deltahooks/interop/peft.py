@@ -206,4 +206,4 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
     return [spec], state
 
 
-from . import peft_vera  # noqa: E402,F401  (registers its importer)
+from . import peft_adalora, peft_vera  # noqa: E402,F401  (each registers its importer)

@@ -1,5 +1,6 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
+from .adalora import AdaLoRA, adalora_allocator
 from .adapter import Adapter
 from .bitfit import BitFit
 from .compacter import Compacter
@@ -16,6 +17,7 @@ from .vera import VeRA
 
 __all__ = [
     "IA3",
+    "AdaLoRA",
     "Adapter",
     "BitFit",
     "Compacter",
@@ -28,4 +30,5 @@ __all__ = [
     "PromptTuning",
     "ReFT",
     "VeRA",
+    "adalora_allocator",
 ]

@@ -49,6 +49,7 @@ OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
     "lntuning": lambda paths: dh.LNTuning(),  # every norm (none in the random trees)
     "prompt": lambda paths: dh.PromptTuning(num_tokens=2),  # transformers models only
     "prefix": lambda paths: dh.PrefixTuning(num_tokens=2, reparameterize=False),
+    "adalora": lambda paths: dh.AdaLoRA(targets=paths, init_r=2, target_r=1, total_step=9),
     "vera": lambda paths: dh.VeRA(targets=paths, r=2, save_projection=False),
 }
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3, torch.bfloat16: 0.1}
