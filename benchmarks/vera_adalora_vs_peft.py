@@ -115,6 +115,7 @@ def peft_config(method: str, identity: bool):
         total_step=TOTAL_STEP,
         lora_alpha=32,
         init_lora_weights=identity,
+        task_type="CAUSAL_LM",  # so PEFT's forward adds the orthogonality term to the loss
     )
 
 
@@ -199,13 +200,22 @@ def memory_worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     model = build_base(args, device, DTYPES[args.dtype])
-    peft_model = attach_peft(method, model if side == "peft" else copy.deepcopy(model))
     delta = None
-    if side == "ours":
-        delta = ours_from_peft(peft_model, model)
-        del peft_model
+    if side == "ours":  # the same shapes; values do not change memory
+        if method == "vera":
+            spec = dh.VeRA(targets=TARGETS, r=256, init="random")
+        else:
+            spec = dh.AdaLoRA(
+                targets=TARGETS,
+                init_r=12,
+                target_r=8,
+                total_step=TOTAL_STEP,
+                alpha=32,
+                init="random",
+            )
+        delta = dh.attach(model, spec)
     else:
-        model = peft_model
+        model = attach_peft(method, model)
     model.train()
     step = train_fn(Step(method, side, model, delta), make_batch(args, device), [])
     if device.type == "cuda":
