@@ -174,13 +174,21 @@ def scaled_factors(fan_in: int, fan_out: int, tensors) -> tuple[torch.Tensor, to
 def update(fan_in: int, fan_out: int, dropout: float, module: nn.Module, x, y, tensors, writable):
     """``y + λ_b ⊙ B(λ_d ⊙ A(dropout(x)))``; accumulated into ``y`` when ``writable``.
 
-    The vectors scale the (small) factors rather than the activations: the same numbers,
-    with less work once a call has more tokens than the rank.
+    While the vectors train, they scale the activations (as PEFT does), so backward needs
+    no gradient GEMM for the frozen factors; otherwise they scale the (small) factors: the
+    same numbers, with less work once a call has more tokens than the rank.
     """
-    down, up = scaled_factors(fan_in, fan_out, tensors)
+    a, b, lambda_d, lambda_b = tensors
     if dropout and module.training:
         x = F.dropout(x, dropout, True)
-    h = F.linear(x.to(down.dtype), down)
+    x = x.to(a.dtype)
+    if torch.is_grad_enabled() and (lambda_d.requires_grad or lambda_b.requires_grad):
+        new = F.linear(F.linear(x, a[:, :fan_in]) * lambda_d, b[:fan_out]) * lambda_b
+        if writable and y.dtype == new.dtype:
+            return y.add_(new)
+        return (y.to(new.dtype) + new).to(y.dtype)
+    down, up = scaled_factors(fan_in, fan_out, tensors)
+    h = F.linear(x, down)
     h = h.reshape(-1, h.shape[-1])
     if writable and y.dtype == h.dtype:
         y.view(-1, y.shape[-1]).addmm_(h, up.t())
