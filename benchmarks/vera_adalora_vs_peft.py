@@ -120,10 +120,21 @@ def peft_config(method: str, identity: bool):
 
 
 def attach_peft(method: str, model: nn.Module, identity: bool = False) -> nn.Module:
-    """PEFT's model; its trainable tensors kept in the model dtype (no fp32 upcast), as ours."""
+    """PEFT's model; its trainable tensors kept in the model dtype (no fp32 upcast), as ours.
+
+    AdaLoRA's random start (every factor standard normal) is scaled down in ``Λ``, so the
+    update stays small next to ``W`` as after real training; at full size it swamps the
+    attention scores and float rounding alone then reorders near-tied triplets.
+    """
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(method, identity), autocast_adapter_dtype=False)
+    peft_model = get_peft_model(model, peft_config(method, identity), autocast_adapter_dtype=False)
+    if method == "adalora" and not identity:
+        with torch.no_grad():
+            for name, tensor in peft_model.named_parameters():
+                if "lora_E" in name:
+                    tensor.mul_(0.01)
+    return peft_model
 
 
 def ours_from_peft(peft_model: nn.Module, model: nn.Module) -> dh.Delta:
