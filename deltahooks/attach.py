@@ -18,7 +18,7 @@ from .errors import DeltaStateError, SpecError
 from .ledger import Ledger, join
 from .registry import open_registry, registries_under
 from .sites import Switch
-from .spec import DeltaSpec, DeviceLike, Part
+from .spec import DeltaSpec, DeviceLike, Part, SharedTensor
 from .targets import resolve_targets
 
 DEFAULT_NAME = "default"
@@ -59,11 +59,16 @@ class Plan:
     """Everything an attach will install, built before the model is touched."""
 
     parts: list[Part]
-    shared: list[dict[str, torch.Tensor]]  # per spec: shared tensors, stored on the root
+    shared: list[dict[str, SharedTensor]]  # per spec: shared tensors, stored on the root
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """``{delta state_dict key: planned tensor}`` (what a file of it holds)."""
-        planned = {local: value for shared in self.shared for local, value in shared.items()}
+        """``{delta state_dict key: planned tensor}`` (what a file of this plan holds)."""
+        planned = {
+            local: value.tensor
+            for shared in self.shared
+            for local, value in shared.items()
+            if value.saved
+        }
         for part in self.parts:
             for (owner, local), (value, _) in part.tensors.items():
                 if (owner, local) not in part.unsaved:
@@ -77,7 +82,7 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
     ``device="meta"`` plans shapes only: nothing is allocated or initialised.
     """
     parts: list[Part] = []
-    shared: list[dict[str, torch.Tensor]] = []
+    shared: list[dict[str, SharedTensor]] = []
     owner: dict[tuple[str, str], str] = {}
 
     def claim(key: tuple[str, str], who: str) -> None:
@@ -93,7 +98,10 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
         for path, module in resolved:
             spec.check_module(path, module)
         spec.check_targets(resolved)
-        common = dict(spec.make_shared(model, resolved, device=device))
+        common = {
+            local: SharedTensor.of(value)
+            for local, value in spec.make_shared(model, resolved, device=device).items()
+        }
         for local in common:
             claim(("", local), f"{spec.method}'s shared tensors")
         shared.append(common)
@@ -238,7 +246,10 @@ def attach(
         shared_by_spec = []
         for common in built.shared:
             entries = {
-                local: ledger.add_tensor("", local, value) for local, value in common.items()
+                local: ledger.add_tensor(
+                    "", local, value.tensor, parameter=value.trainable, saved=value.saved
+                )
+                for local, value in common.items()
             }
             if entries:
                 ledger.forgive_missing_delta_keys("")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -85,8 +85,13 @@ class DeltaSpec:
 
     def make_shared(
         self, root: nn.Module, targets: list[tuple[str, nn.Module]], *, device: DeviceLike = None
-    ) -> dict[str, torch.Tensor]:
-        """Tensors shared by every target (stored once, on the root); none by default."""
+    ) -> dict[str, torch.Tensor | SharedTensor]:
+        """Tensors shared by every target (stored once, on the root); none by default.
+
+        A plain tensor becomes a trainable parameter that files keep; a
+        :class:`SharedTensor` may instead be a frozen buffer, and one that files leave out
+        (rebuilt by this method at load, e.g. from a seed).
+        """
         return {}
 
     def make_part(
@@ -146,6 +151,19 @@ def tensor_options(module: nn.Module, device: DeviceLike = None) -> dict[str, An
     if device is not None:
         options["device"] = device
     return options
+
+
+class SharedTensor(NamedTuple):
+    """A shared tensor and how it is kept: trainable (a parameter) or frozen (a buffer), and
+    saved in files or rebuilt by :meth:`DeltaSpec.make_shared` when a file is loaded."""
+
+    tensor: torch.Tensor
+    trainable: bool = True
+    saved: bool = True
+
+    @classmethod
+    def of(cls, value: torch.Tensor | SharedTensor) -> SharedTensor:
+        return value if isinstance(value, SharedTensor) else cls(value)
 
 
 TensorKey = tuple[str, str]  # (owner module path, local name)

@@ -207,9 +207,11 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
 
 # each method's importer (and exporter) registers itself when its module is imported
 from . import (  # noqa: E402, F401
+    peft_adalora,
     peft_boft,
     peft_ia3_ln,
     peft_loha,
     peft_lokr,
     peft_oft,
+    peft_vera,
 )

@@ -1,5 +1,6 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
+from .adalora import AdaLoRA, adalora_allocator
 from .adapter import Adapter
 from .bitfit import BitFit
 from .boft import BOFT
@@ -16,11 +17,13 @@ from .parallel_adapter import ParallelAdapter
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
 from .reft import ReFT
+from .vera import VeRA
 
 __all__ = [
     "BOFT",
     "IA3",
     "OFT",
+    "AdaLoRA",
     "Adapter",
     "BitFit",
     "Compacter",
@@ -34,5 +37,7 @@ __all__ = [
     "PrefixTuning",
     "PromptTuning",
     "ReFT",
+    "VeRA",
+    "adalora_allocator",
     "loraplus_param_groups",
 ]

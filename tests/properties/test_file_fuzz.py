@@ -45,6 +45,8 @@ def every_method() -> list[dh.DeltaSpec]:
         dh.BOFT(targets=["mlp.c_fc"], block_size=2, butterfly_factor=2),
         dh.PromptTuning(num_tokens=2),
         dh.PrefixTuning(num_tokens=2, reparameterize=False),
+        dh.VeRA(targets=["mlp.c_fc"], r=2),
+        dh.AdaLoRA(targets=["mlp.c_proj"], init_r=2, target_r=1, total_step=9),
     ]
 
 

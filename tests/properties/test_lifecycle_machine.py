@@ -55,6 +55,8 @@ OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
     "lokr": lambda paths: dh.LoKr(targets=paths, r=1, decompose_both=True),
     "prompt": lambda paths: dh.PromptTuning(num_tokens=2),  # transformers models only
     "prefix": lambda paths: dh.PrefixTuning(num_tokens=2, reparameterize=False),
+    "adalora": lambda paths: dh.AdaLoRA(targets=paths, init_r=2, target_r=1, total_step=9),
+    "vera": lambda paths: dh.VeRA(targets=paths, r=2, save_projection=False),
 }
 
 

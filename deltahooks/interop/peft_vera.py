@@ -1,0 +1,64 @@
+"""Import PEFT VeRA adapters (``peft_type`` ``"VERA"``).
+
+PEFT stores ``<path>.vera_lambda_b`` / ``<path>.vera_lambda_d`` per layer and, with
+``save_projection=True``, the shared projections once as ``base_model.vera_A`` and
+``base_model.vera_B``; ours are the same tensors under ``vera_A`` / ``vera_B``. Without
+them, both libraries redraw the projections from ``projection_prng_key``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import DeltaFileError
+from ..targets import Paths
+from .peft import check_paths, peft_importer
+
+PROJECTIONS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
+VECTORS = (".vera_lambda_b", ".vera_lambda_d")
+
+
+@peft_importer("VERA")
+def vera_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
+    from ..methods import VeRA
+
+    vectors: dict[str, dict] = {}
+    projections, other = {}, []
+    for key, tensor in tensors.items():
+        if key in PROJECTIONS:
+            projections[PROJECTIONS[key]] = tensor
+            continue
+        for suffix in VECTORS:
+            if key.endswith(suffix):
+                vectors.setdefault(key[: -len(suffix)], {})[suffix[1:]] = tensor
+                break
+        else:
+            other.append(key)
+    if other:
+        raise DeltaFileError(f"tensors {sorted(other)[:5]} belong to no VeRA layer")
+    incomplete = [path for path, pair in vectors.items() if len(pair) != 2]
+    if incomplete:
+        raise DeltaFileError(f"VeRA vectors without their pair at {incomplete[:5]}")
+    if not vectors:
+        return [], {}
+    save_projection = bool(config.get("save_projection", True))
+    if save_projection and set(projections) != set(PROJECTIONS.values()):
+        raise DeltaFileError(
+            "the adapter says save_projection=True but holds no base_model.vera_A / vera_B; "
+            "save it again with PEFT, or set save_projection to false in adapter_config.json "
+            "to redraw them from projection_prng_key"
+        )
+    paths = list(vectors)
+    check_paths(model, paths)
+    spec = VeRA(
+        targets=Paths(paths),
+        r=int(config.get("r", 256)),
+        projection_prng_key=int(config.get("projection_prng_key", 0)),
+        save_projection=save_projection,
+        dropout=float(config.get("vera_dropout", 0.0)),
+        d_initial=float(config.get("d_initial", 0.1)),
+    )
+    state = {f"{path}.{name}": t for path, pair in vectors.items() for name, t in pair.items()}
+    if save_projection:  # else PEFT ignores stored projections and redraws them: so do we
+        state.update(projections)
+    return [spec], state
