@@ -105,6 +105,18 @@ OTHER_METHODS = {
             init_ia3_weights=False,
         ),
     ),
+    "loha": (
+        "llama",
+        lambda: dh.LoHa(targets=["q_proj", "down_proj"], r=2, rank_pattern={"down_proj": 3}),
+        lambda: peft.LoHaConfig(target_modules=["q_proj", "v_proj"], r=2, init_weights=False),
+    ),
+    "lokr": (
+        "llama",
+        lambda: dh.LoKr(targets=["q_proj", "down_proj"], r=2, decompose_both=True),
+        lambda: peft.LoKrConfig(
+            target_modules=["q_proj", "v_proj"], r=2, decompose_both=True, init_weights=False
+        ),
+    ),
     "ln_tuning": (
         "llama",
         lambda: dh.LNTuning(targets=["input_layernorm", "model.norm"]),
@@ -114,7 +126,7 @@ OTHER_METHODS = {
 
 
 @pytest.mark.parametrize("method", list(OTHER_METHODS))
-def test_ia3_and_ln_tuning_go_both_ways_with_the_same_outputs(method, tmp_path):
+def test_other_methods_go_both_ways_with_the_same_outputs(method, tmp_path):
     name, ours_spec, peft_config = OTHER_METHODS[method]
     torch.manual_seed(0)
     model, inputs = MODELS[name]()

@@ -212,6 +212,7 @@ from . import (  # noqa: E402, F401
     peft_ia3_ln,
     peft_loha,
     peft_lokr,
+    peft_lycoris_export,
     peft_oft,
     peft_vera,
 )
