@@ -47,10 +47,14 @@ def load(
     *,
     freeze_base: bool = True,
     allow_nonfinite: bool = False,
+    into=None,
 ):
     """Attach the delta stored at ``path`` to ``model``, weights included.
 
-    Nothing changes unless every module path, tensor shape and dtype fits.
+    Nothing changes unless every module path, tensor shape and dtype fits. With
+    ``into=delta`` (a delta attached to ``model``) the file's tensors replace that delta's
+    values in place instead (hot-swap: same tensors, so a compiled model does not
+    recompile); they must have its keys, shapes and dtype kinds.
 
     Example:
         >>> import os, tempfile, torch, deltahooks as dh
@@ -64,6 +68,8 @@ def load(
     """
     where = os.fspath(path)
     header = read_header(path)
+    if into is not None:
+        return _swap_into(model, into, where, allow_nonfinite)
     specs = specs_from_header(header)
     paths = [p for part in header["parts"] for p in part["paths"]]
     missing = [p for p in paths if not _has_module(model, p)]
@@ -91,6 +97,29 @@ def load(
     if not allow_nonfinite:
         _check_finite(where, tensors)
     return attach_with_state(model, specs, tensors, name=name, freeze_base=freeze_base)
+
+
+def _swap_into(model: nn.Module, delta, where: str, allow_nonfinite: bool):
+    """Copy the file's tensors into an attached delta after checking they fit it exactly."""
+    from .attach import deltas
+    from .errors import DeltaStateError
+
+    if not any(found is delta for found in deltas(model).values()):
+        raise DeltaStateError(
+            f"into= names delta {getattr(delta, 'name', delta)!r}, which is not attached to "
+            f"{type(model).__name__}; pass one of dh.deltas(model)"
+        )
+    if delta.merged:
+        raise DeltaStateError(
+            f"delta {delta.name!r} is merged: new values would not reach the merged weights; "
+            "call delta.unmerge() first"
+        )
+    _check_layout(where, stored_layout(where), delta.state_dict())
+    tensors = read_tensors(where)
+    if not allow_nonfinite:
+        _check_finite(where, tensors)
+    delta.load_state_dict(tensors)
+    return delta
 
 
 def _has_module(model: nn.Module, path: str) -> bool:
