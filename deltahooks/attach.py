@@ -102,11 +102,21 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
             local: SharedTensor.of(value)
             for local, value in spec.make_shared(model, resolved, device=device).items()
         }
+        dtype = getattr(torch, spec.dtype) if spec.dtype else None
+        if dtype is not None:
+            common = {
+                local: shared._replace(tensor=shared.tensor.to(dtype))
+                if shared.tensor.is_floating_point()
+                else shared
+                for local, shared in common.items()
+            }
         for local in common:
             claim(("", local), f"{spec.method}'s shared tensors")
         shared.append(common)
         for path, module in resolved:
             part = spec.make_part(path, module, model, device=device)
+            if dtype is not None:
+                part.cast(dtype)
             part.spec_index = index
             for key in part.tensors:
                 claim(key, f"{spec.method} on {path!r}")

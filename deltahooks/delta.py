@@ -245,6 +245,32 @@ class Delta(nn.Module):
         if writes(sharded):
             write_delta(path, self.name, parts, stored)
 
+    def to(self, *args, **kwargs) -> Delta:
+        """Move or cast the delta's own tensors (not the model's), in place.
+
+        ``delta.to(torch.float32)`` on a bfloat16 model keeps full-precision delta weights
+        (the hooks compute in the activations' dtype, gradients arrive in float32); the
+        Parameter objects stay the same. Buffers rebuilt from the base weights (PiSSA's
+        residual) keep the base's dtype.
+
+        Example:
+            >>> import torch, deltahooks as dh
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4)).bfloat16()
+            >>> delta = dh.attach(model, dh.LoRA(targets=["0"], r=2)).to(torch.float32)
+            >>> delta.state_dict()["0.lora_A"].dtype, model[0].weight.dtype
+            (torch.float32, torch.bfloat16)
+        """
+        self._require_attached("to")
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        with torch.no_grad():
+            for entry in self._entries():
+                tensor = self._ledger.tensor(entry)
+                cast = dtype if (dtype is not None and tensor.is_floating_point()) else None
+                if not entry.saved:
+                    cast = None
+                tensor.data = tensor.data.to(device=device, dtype=cast, non_blocking=non_blocking)
+        return self
+
     def save_peft(self, directory: str | PathLike, *, task_type: str | None = None) -> None:
         """Write a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.
 

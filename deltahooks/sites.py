@@ -243,6 +243,16 @@ def _refuse_meta(switch: Switch, module: nn.Module, x: Any, tensors: tuple) -> N
         raise explain_failure(switch.name, module, x, tensors, None)
 
 
+def in_dtype_of(tensors: tuple, reference: torch.Tensor) -> tuple:
+    """The delta's floating tensors in the activations' dtype when they differ (a float32
+    delta on a bfloat16 model, or under autocast): computed there, gradients flow back to
+    the delta's own dtype."""
+    if not tensors or not reference.is_floating_point() or tensors[0].dtype == reference.dtype:
+        return tensors
+    dtype = reference.dtype
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def _call(switch: Switch, module: nn.Module, x: Any, tensors: tuple, fn: Callable, *args):
     try:
         return fn(*args)
@@ -284,6 +294,7 @@ class OutputHook:
             )
         x = _first_input(args, kwargs)
         _refuse_meta(self.switch, module, y, tensors)
+        tensors = in_dtype_of(tensors, y)
         writable = (
             self.in_place
             and not compiling
@@ -324,6 +335,7 @@ class InputHook:
         if x is None:
             return None
         _refuse_meta(self.switch, module, x, tensors)
+        tensors = in_dtype_of(tensors, x)
         new_x = _call(self.switch, module, x, tensors, self.fn, module, x, tensors)
         if compiling:
             new_x = gated(self.switch, new_x, x)
@@ -382,6 +394,7 @@ class WeightFunction(nn.Module):
             return weight
         tensors = self.source.gather(self.owner)
         _refuse_meta(self.switch, self.owner, weight, tensors)
+        tensors = in_dtype_of(tensors, weight)
         new = _call(self.switch, self.owner, weight, tensors, self.fn, weight, tensors)
         return gated(self.switch, new, weight) if compiling else new
 

@@ -59,6 +59,9 @@ def register_method(cls: type[DeltaSpec]) -> type[DeltaSpec]:
     return cls
 
 
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeltaSpec:
     """Base of every method's hyperparameters; ``targets`` uses :mod:`deltahooks.targets`."""
@@ -66,10 +69,17 @@ class DeltaSpec:
     method: ClassVar[str] = ""
     targets: Target
     exclude: Target | None = None
+    # the delta's own dtype, e.g. "float32" on a bfloat16 model (master weights in full
+    # precision); None: the target's dtype. Sites compute in the activations' dtype.
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.targets is None or (isinstance(self.targets, (list, tuple)) and not self.targets):
             raise SpecError(f"{type(self).__name__}: targets is empty; name at least one module")
+        if self.dtype is not None:
+            from .validate import one_of
+
+            one_of(type(self).__name__, "dtype", self.dtype, DTYPES)
         self.validate()
 
     def validate(self) -> None:
@@ -122,6 +132,7 @@ class DeltaSpec:
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.name not in ("targets", "exclude")
+            and not (f.name == "dtype" and self.dtype is None)  # files as before
         }
 
     def describe(self) -> dict[str, Any]:
@@ -225,6 +236,13 @@ class Part:
         self.merges: list[Merged] = []  # what merge() swapped in, for unmerge()
         self.installed: list = []  # ledger entries of the installed sites
         self.shared: dict[str, TensorEntry] = {}
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """The part's floating tensors in ``dtype`` (``unsaved`` ones, rebuilt from the
+        base weights, keep theirs)."""
+        for key, (value, is_parameter) in self.tensors.items():
+            if value.is_floating_point() and key not in self.unsaved:
+                self.tensors[key] = (value.to(dtype), is_parameter)
 
     # ------------------------------------------------------------- install
     def install(self, ledger: Ledger, switch: Switch, shared: dict[str, TensorEntry]) -> None:
