@@ -245,6 +245,44 @@ class Delta(nn.Module):
         if writes(sharded):
             write_delta(path, self.name, parts, stored)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every delta tensor again as its method does at attach, in place.
+
+        For a delta attached to a model built on the ``meta`` device: after
+        ``model.to_empty(device=...)`` and loading the base weights, this gives the delta
+        its starting values (methods that start from the base weights, such as PiSSA,
+        read them now).
+
+        Example:
+            >>> import torch, deltahooks as dh
+            >>> with torch.device("meta"):
+            ...     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            >>> delta = dh.attach(model, dh.LoRA(targets=["0"], r=2))
+            >>> _ = model.to_empty(device="cpu")
+            >>> _ = model.load_state_dict({"0.weight": torch.eye(4), "0.bias": torch.zeros(4)})
+            >>> delta.reset_parameters()
+            >>> bool(delta.state_dict()["0.lora_B"].eq(0).all())  # LoRA's B starts at zero
+            True
+        """
+        from .attach import plan
+
+        self._require_attached("reset_parameters")
+        if self._switch.merged:
+            raise DeltaStateError(
+                f"delta {self.name!r} is merged into the weights; call delta.unmerge() before "
+                "delta.reset_parameters()"
+            )
+        with self.disabled():  # methods that start from the weights read the base's own
+            fresh = plan(self._root, tuple(self.specs))
+        values = {}
+        for shared in fresh.shared:
+            values.update({("", local): item.tensor for local, item in shared.items()})
+        for part in fresh.parts:
+            values.update({key: value for key, (value, _) in part.tensors.items()})
+        for entry in self._entries():
+            self._ledger.tensor(entry).copy_(values[(entry.path, entry.local)])
+
     def to(self, *args, **kwargs) -> Delta:
         """Move or cast the delta's own tensors (not the model's), in place.
 
