@@ -177,3 +177,39 @@ def test_what_peft_cannot_hold_is_refused_and_nothing_is_written(tmp_path):
     prompt.detach()
     assert not any(tmp_path.iterdir())
     assert_restored(model, before)
+
+
+PROMPTS = {
+    "prompt-llama": ("llama", lambda: dh.PromptTuning(num_tokens=3)),
+    "prompt-bert": ("bert", lambda: dh.PromptTuning(num_tokens=3)),
+    "prefix-llama": ("llama", lambda: dh.PrefixTuning(num_tokens=3, hidden=8)),
+    "prefix-gpt2": ("gpt2", lambda: dh.PrefixTuning(num_tokens=3, reparameterize=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(PROMPTS))
+def test_prompt_and_prefix_tuning_go_both_ways_with_the_same_outputs(case, tmp_path):
+    name, make = PROMPTS[case]
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    base = copy.deepcopy(model.eval())
+    delta = dh.attach(model, make())
+    randomise(delta)
+    want = logits(model, inputs)
+    delta.save_peft(tmp_path / "ours")
+    theirs = peft_from(tmp_path / "ours", base)
+    torch.testing.assert_close(logits(theirs, inputs), want, rtol=0, atol=1e-5)
+    delta.detach()
+    imported = dh.load_peft(model, tmp_path / "ours")  # PEFT's file (its layout) -> ours
+    torch.testing.assert_close(logits(model, inputs), want, rtol=0, atol=1e-5)
+    imported.save_peft(tmp_path / "again")
+    again = logits(peft_from(tmp_path / "again", base), inputs)
+    torch.testing.assert_close(again, want, rtol=0, atol=1e-5)
+
+
+def test_prompts_on_an_encoder_decoder_are_refused_both_ways(tmp_path):
+    model, _ = MODELS["t5"]()
+    delta = dh.attach(model, dh.PromptTuning(num_tokens=2))
+    with pytest.raises(dh.UnsupportedOperationError, match="encoder-decoder"):
+        delta.save_peft(tmp_path / "t5")
+    assert not (tmp_path / "t5").exists()

@@ -25,6 +25,8 @@ from ..errors import DeltaError, DeltaFileError, UnsupportedOperationError
 from ..targets import Paths, resolve_targets
 
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."  # prompt and prefix tuning: PeftModel holds the model directly
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING")
 LORA_SUFFIXES = {
     ".lora_A.weight": "lora_A",
     ".lora_B.weight": "lora_B",
@@ -136,7 +138,8 @@ def load_peft(
     directory = os.fspath(directory)
     config, tensors = _read(directory)
     saved = config.get("modules_to_save") or []
-    bare = {key.removeprefix(PREFIX): tensor for key, tensor in tensors.items()}
+    prefix = PROMPT_PREFIX if config["peft_type"] in PROMPT_LEARNING else PREFIX
+    bare = {key.removeprefix(prefix): tensor for key, tensor in tensors.items()}
     try:
         heads = [p for p, _ in resolve_targets(model, list(saved))] if saved else []
         heads = [h for h in heads if any(k.startswith(h + ".") for k in bare)]
@@ -214,5 +217,6 @@ from . import (  # noqa: E402, F401
     peft_lokr,
     peft_lycoris_export,
     peft_oft,
+    peft_prompts,
     peft_vera,
 )

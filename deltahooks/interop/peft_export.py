@@ -23,7 +23,7 @@ from torch import nn
 
 from ..distributed import gathered, writes
 from ..errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
-from .peft import PREFIX
+from .peft import PREFIX, PROMPT_LEARNING, PROMPT_PREFIX
 
 Exporter = Callable[[nn.Module, list, list], tuple[dict, dict[str, torch.Tensor]]]
 EXPORTERS: dict[str, Exporter] = {}
@@ -84,18 +84,28 @@ def save_peft(delta, directory: str | os.PathLike, *, task_type: str | None = No
     with torch.no_grad():
         for part in heads:
             tensors.update({key: t.detach() for key, t in part.tensors.items()})
+    task = fields.pop("task_type", None)  # prompt learning: PEFT needs one; the user's wins
     config = {
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
         or None,
         "inference_mode": True,
-        "modules_to_save": [part.path for part in heads] or None,
+        "modules_to_save": [part.path for part in heads] + fields.pop("modules_to_save", [])
+        or None,
         "revision": None,
-        "task_type": task_type,
+        "task_type": task_type or task,
         **fields,
     }
+    if config["modules_to_save"]:
+        config["modules_to_save"] = list(dict.fromkeys(config["modules_to_save"]))
+    prefix = PREFIX
+    if config["peft_type"] in PROMPT_LEARNING:  # PEFT's keys there: no wrapper in between
+        prefix = PROMPT_PREFIX
     tensors, sharded = gathered(tensors)  # FSDP2 shards: a collective, on every rank
     if writes(sharded):
-        write(os.fspath(directory), config, {PREFIX + key: t for key, t in tensors.items()})
+        named = {
+            (key if key == "prompt_embeddings" else prefix + key): t for key, t in tensors.items()
+        }
+        write(os.fspath(directory), config, named)
 
 
 def write(directory: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
