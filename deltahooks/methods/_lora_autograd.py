@@ -1,0 +1,47 @@
+"""LoRA's update with dropout, ``s · B(A(dropout(x)))``, saving a mask instead of a copy.
+
+Plain autograd keeps ``dropout(x)`` (tokens × fan-in, the activations' dtype) for the
+gradient of ``A``, one copy per adapted layer, on top of the dropout mask: for q/k/v that
+is three copies of one input. This function keeps the input itself (one tensor, shared
+by every layer that reads it and usually kept by the model anyway), the dropout mask
+(one byte per element) and the rank-r activation ``h``, and rebuilds ``dropout(x)`` in
+backward. Used in training with dropout > 0 only: without dropout plain autograd already
+keeps just ``x`` and ``h``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DroppedLowRank(torch.autograd.Function):
+    """``s · (dropout(x) Aᵀ) Bᵀ`` for 2-D ``x`` (tokens × fan-in); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scale: float, p: float):
+        dropped, keep = torch.native_dropout(x, p, True)
+        h = dropped @ a.t()
+        ctx.save_for_backward(x, keep, a, b, h)
+        ctx.scale, ctx.p = scale, p
+        return (h @ b.t()) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, a, b, h = ctx.saved_tensors
+        factor = 1.0 / (1.0 - ctx.p)
+        grad = grad * ctx.scale
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.t() @ h
+        grad_h = grad @ b
+        if ctx.needs_input_grad[1]:
+            grad_a = grad_h.t() @ (x * keep * factor)
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h @ a) * keep * factor
+        return grad_x, grad_a, grad_b, None, None
+
+
+def dropped_low_rank(x: torch.Tensor, a, b, scale: float, p: float) -> torch.Tensor:
+    """The update for ``x`` of any leading shape (flattened to tokens × fan-in)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return DroppedLowRank.apply(flat, a, b, scale, p).view(*x.shape[:-1], b.shape[0])
