@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One GPU run of every accelerator benchmark, in under 6 minutes on one H100/H200:
+# LoRA vs PEFT at a 1B shape (bf16, d=2048 x 16 layers, 4 x 1024 tokens) and at a
+# launch-bound shape (d=512 x 8, 4 x 128), and the torch.compile'd train step.
+# Tables land in benchmarks/results/gpu/ with date, device and versions (each script
+# writes them). Run from the repository root:
+#
+#   bash benchmarks/gpu_suite.sh            # on a machine with CUDA
+#   bash benchmarks/gpu_suite.sh --dry-run  # CPU, tiny shapes: checks the script works
+#
+# Each step has its own time limit, so one slow step cannot eat the others' budget.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=benchmarks/results/gpu
+scale=1
+if [[ "${1:-}" == "--dry-run" ]]; then
+  out=benchmarks/out/gpu-dry-run
+  scale=6  # 2 shared CPU cores and a cold inductor cache: the limits are for a GPU
+  device=(--device cpu --dtype float32 --quick --no-memory)
+  big=() small=() compiled=()
+else
+  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+  device=(--device cuda --dtype bfloat16)
+  big=(--hidden 2048 --layers 16 --intermediate 5504 --heads 16 --vocab 32000 --batch 4 --seq 1024 --rounds 7)
+  small=(--hidden 512 --layers 8 --intermediate 1376 --heads 8 --vocab 32000 --batch 4 --seq 128 --rounds 9)
+  compiled=(--hidden 1024 --layers 8 --intermediate 2752 --heads 8 --vocab 32000 --batch 4 --seq 512)
+fi
+mkdir -p "$out"
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$(($2 * scale))
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  if ! timeout "$limit" "$@" --out "$out/$name.md"; then
+    echo "!! $name failed or ran past ${limit}s" | tee "$out/$name.failed"
+  fi
+}
+step lora_1b 150 python benchmarks/lora_vs_peft.py "${device[@]}" "${big[@]}"
+step lora_launch_bound 60 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}"
+step compiled 120 python benchmarks/compiled_vs_peft.py "${device[@]}" "${compiled[@]}"
+ls -l "$out"
