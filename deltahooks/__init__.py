@@ -46,6 +46,7 @@ from .methods import (
     adalora_allocator,
     loraplus_param_groups,
 )
+from .routing import route
 from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
 from .summary import summary
@@ -99,6 +100,7 @@ __all__ = [
     "loraplus_param_groups",
     "register_method",
     "resolve_targets",
+    "route",
     "save_peft",
     "set_active",
     "stored",
