@@ -9,6 +9,7 @@ Importing this package never imports transformers.
 """
 
 from .attach import attach, deltas, detach, set_active
+from .combine import combine
 from .delta import Delta
 from .errors import (
     DeltaError,
@@ -93,6 +94,7 @@ __all__ = [
     "WeightSite",
     "adalora_allocator",
     "attach",
+    "combine",
     "deltas",
     "detach",
     "load",
