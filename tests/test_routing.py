@@ -10,16 +10,20 @@ import deltahooks as dh
 
 pytest.importorskip("transformers")
 
-from tiny_models import gpt2, llama
+from tiny_models import gpt2, llama, t5
 
 ATOL = 1e-6
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_fc"],
+    "t5": ["q", "v", "wo"],
+}
 
 
 def model_with_deltas(kind: str, specs: dict | None = None):
     """A tiny model (eval, fp32) with deltas ``a`` and ``b`` (random LoRAs by default)."""
     torch.manual_seed(0)
-    model, _ = {"llama": llama, "gpt2": gpt2}[kind]()
+    model, _ = {"llama": llama, "gpt2": gpt2, "t5": t5}[kind]()
     model.eval()
     targets = TARGETS[kind]
     specs = specs or {
@@ -129,6 +133,7 @@ def generate(model, x, **options):
         max_new_tokens=4,
         do_sample=False,
         pad_token_id=0,
+        decoder_start_token_id=0,  # T5's; decoder-only models ignore it
         output_scores=True,
         return_dict_in_generate=True,
         **options,
@@ -136,7 +141,7 @@ def generate(model, x, **options):
     return out.sequences, torch.stack(out.scores, 1)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
 @pytest.mark.parametrize(
     "options",
     [{}, {"num_beams": 2, "num_return_sequences": 2}],
@@ -158,6 +163,20 @@ def test_generate_keeps_each_row_on_its_delta(kind, options):
         torch.testing.assert_close(
             scores[i * beams : (i + 1) * beams], own_scores, rtol=0, atol=1e-5
         )
+
+
+def test_a_compiled_model_routes_like_the_eager_one():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    for name in ("a", "b"):
+        dh.attach(model.eval(), dh.LoRA(targets=torch.nn.Linear, r=2, init="random"), name=name)
+    x = torch.randn(3, 8)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for rows in (["a", "b", None], ["b", None, "a"], ["a", "a", "a"]):
+            with dh.route(model, rows):
+                torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- refusals
