@@ -158,7 +158,9 @@ def route(model: nn.Module, rows: Sequence[RowEntry]) -> Iterator[None]:
     Full, LoRA with ``init="pissa"``/``"olora"``) or the model call (prompt and prefix
     tuning) would act on the whole batch, and is refused: run its rows in a call of
     their own with :func:`deltahooks.set_active`. Routing changes state the hooks read,
-    so one model routes one batch at a time (not from several threads at once).
+    so one model routes one batch at a time (not from several threads at once). A model
+    compiled with ``torch.compile`` routes too (equal to eager): each routing pattern
+    compiles a graph of its own, and the unrouted graph is reused after the block.
 
     Raises:
         deltahooks.SpecError: ``rows`` is empty or an entry is not a name, ``None`` or a
