@@ -9,6 +9,7 @@ Importing this package never imports transformers.
 """
 
 from .attach import attach, deltas, detach, set_active
+from .combine import combine
 from .delta import Delta
 from .errors import (
     DeltaError,
@@ -46,6 +47,7 @@ from .methods import (
     adalora_allocator,
     loraplus_param_groups,
 )
+from .routing import route
 from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options
 from .summary import summary
@@ -92,6 +94,7 @@ __all__ = [
     "WeightSite",
     "adalora_allocator",
     "attach",
+    "combine",
     "deltas",
     "detach",
     "load",
@@ -99,6 +102,7 @@ __all__ = [
     "loraplus_param_groups",
     "register_method",
     "resolve_targets",
+    "route",
     "save_peft",
     "set_active",
     "stored",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,9 +39,13 @@ class Switch:
     ``gate`` is ``active`` as a 0-dim bool tensor, changed in place: compiled code
     selects with it instead of branching on ``active``, so enabling or disabling a delta
     under ``torch.compile`` reuses the graph instead of recompiling it.
+
+    ``rows`` is ``None`` except under per-sample routing (:func:`deltahooks.route`): then
+    a :class:`RowSelection` saying which rows of the batch the delta acts on, and output
+    and input sites compute on those rows only.
     """
 
-    __slots__ = ("active", "enabled", "gate", "merged", "name")
+    __slots__ = ("active", "enabled", "gate", "merged", "name", "rows")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -49,6 +53,7 @@ class Switch:
         self.merged = False
         self.active = True
         self.gate = torch.ones((), dtype=torch.bool)
+        self.rows: RowSelection | None = None
 
     def update(self) -> None:
         self.active = self.enabled and not self.merged
@@ -60,6 +65,17 @@ class Switch:
     def __setstate__(self, state) -> None:
         self.name, self.enabled, self.merged, self.active = state
         self.gate = torch.tensor(self.active)
+        self.rows = None
+
+
+class RowSelection(Protocol):
+    """Which rows of a batch a routed delta acts on (see :mod:`deltahooks.routing`)."""
+
+    def index(self, batch: int, device: torch.device, module: nn.Module) -> torch.Tensor | None:
+        """Row indices into a batch of ``batch`` rows on ``device``; ``None``: every row.
+
+        Raises a :class:`DeltaError` when ``batch`` does not fit the routed rows.
+        """
 
 
 def gated(switch: Switch, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -263,6 +279,19 @@ def _call(switch: Switch, module: nn.Module, x: Any, tensors: tuple, fn: Callabl
         raise explained from err
 
 
+def rows_of(x: Any, index: torch.Tensor, batch: int, switch: Switch, module: nn.Module) -> Any:
+    """The rows ``index`` of a module input that has one row per row of its output."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.dim() == 0 or x.shape[0] != batch:
+        raise UnsupportedModuleError(
+            f"delta {switch.name!r} is routed per row, but {type(module).__name__} takes an "
+            f"input of shape {list(x.shape)} for an output of {batch} rows; routing needs the "
+            "batch as the first dimension of both: route a delta on other modules"
+        )
+    return x.index_select(0, index)
+
+
 def _first_input(args: tuple, kwargs: dict) -> Any:
     if args:
         return args[0]
@@ -295,6 +324,11 @@ class OutputHook:
         x = _first_input(args, kwargs)
         _refuse_meta(self.switch, module, y, tensors)
         tensors = in_dtype_of(tensors, y)
+        if self.switch.rows is not None:  # dh.route: only some rows of the batch
+            index = self.switch.rows.index(y.shape[0], y.device, module)
+            if index is not None:
+                new = self._on_rows(module, x, y, tensors, index)
+                return new if y is output else with_first(output, new)
         writable = (
             self.in_place
             and not compiling
@@ -307,6 +341,15 @@ class OutputHook:
         if compiling:
             new = gated(self.switch, new, y)
         return new if y is output else with_first(output, new)
+
+    def _on_rows(self, module: nn.Module, x: Any, y: torch.Tensor, tensors: tuple, index):
+        """``y`` with ``fn`` applied to the rows in ``index`` only (the others as they are)."""
+        x_rows = rows_of(x, index, y.shape[0], self.switch, module)
+        y_rows = y.index_select(0, index)  # a new tensor: fn may write into it
+        new = _call(
+            self.switch, module, x, tensors, self.fn, module, x_rows, y_rows, tensors, self.in_place
+        )
+        return y.index_copy(0, index, new)
 
 
 class InputHook:
@@ -336,7 +379,15 @@ class InputHook:
             return None
         _refuse_meta(self.switch, module, x, tensors)
         tensors = in_dtype_of(tensors, x)
-        new_x = _call(self.switch, module, x, tensors, self.fn, module, x, tensors)
+        index = None
+        if self.switch.rows is not None:  # dh.route: only some rows of the batch
+            index = self.switch.rows.index(x.shape[0], x.device, module)
+        if index is not None:
+            x_rows = x.index_select(0, index)
+            new_rows = _call(self.switch, module, x, tensors, self.fn, module, x_rows, tensors)
+            new_x = x.index_copy(0, index, new_rows)
+        else:
+            new_x = _call(self.switch, module, x, tensors, self.fn, module, x, tensors)
         if compiling:
             new_x = gated(self.switch, new_x, x)
         new = with_first(first, new_x)

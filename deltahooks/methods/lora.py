@@ -175,13 +175,25 @@ class LoRA(DeltaSpec):
                 "supported; exclude it from targets"
             )
 
-    def make_part(
-        self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
-    ) -> Part:
+    def rank_and_scale(self, path: str, module: nn.Module, root: nn.Module) -> tuple[int, float]:
+        """The rank and the scale ``s`` (``alpha / r`` or ``alpha / √r``) of the update on
+        ``path``, after ``rank_pattern`` and ``alpha_pattern``.
+
+        Example:
+            >>> import torch, deltahooks as dh
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            >>> dh.LoRA(targets=["0"], r=2, alpha=8).rank_and_scale("0", model[0], model)
+            (2, 4.0)
+        """
         rank = first_match(path, module, self.rank_pattern, root) or self.r
         alpha = first_match(path, module, self.alpha_pattern, root)
         alpha = self.alpha if alpha is None else alpha
-        scale = alpha / math.sqrt(rank) if self.rslora else alpha / rank
+        return rank, alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+    def make_part(
+        self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
+    ) -> Part:
+        rank, scale = self.rank_and_scale(path, module, root)
         kind = kind_of(module)
         weight = module.weight
         like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
