@@ -41,7 +41,8 @@ from ..merging import stored
 from ..registry import registry_of
 from ..sites import OutputSite, RedirectSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
-from ..targets import first_match
+from ..targets import ParameterPath, first_match
+from . import lora_parameters
 
 INITS = ("default", "gaussian", "random", "pissa", "olora")
 RESIDUAL_INITS = ("pissa", "olora")  # the layer computes with W - sBA₀ while attached
@@ -134,6 +135,7 @@ class LoRA(DeltaSpec):
     """
 
     method = "lora"
+    parameter_targets = True
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
@@ -156,6 +158,9 @@ class LoRA(DeltaSpec):
         validate.flag("LoRA", "dora", self.dora)
 
     def check_module(self, path: str, module: nn.Module) -> None:
+        if isinstance(path, ParameterPath):
+            lora_parameters.check(self, path, module)
+            return
         kind = kind_of(module)
         if kind not in KINDS:
             raise UnsupportedModuleError(
@@ -178,6 +183,8 @@ class LoRA(DeltaSpec):
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
+        if isinstance(path, ParameterPath):
+            return lora_parameters.make_part(self, path, module, root, device=device)
         rank = first_match(path, module, self.rank_pattern, root) or self.r
         alpha = first_match(path, module, self.alpha_pattern, root)
         alpha = self.alpha if alpha is None else alpha
@@ -507,7 +514,9 @@ def loraplus_param_groups(
             if not (isinstance(tensor, nn.Parameter) and tensor.requires_grad):
                 continue
             seen.add(id(tensor))
-            owner = root.get_submodule(key.rpartition(".")[0])
+            # a parameter target's tensors sit on the module that owns the parameter
+            on_parameter = view.target != view.path and key.startswith(f"{view.target}.")
+            owner = root.get_submodule(view.path if on_parameter else key.rpartition(".")[0])
             groups[_loraplus_group(key, tensor, owner, embedding)].append(tensor)
     for key, tensor in delta.shared.items():  # tensors shared by all targets of a spec
         if isinstance(tensor, nn.Parameter) and tensor.requires_grad and id(tensor) not in seen:
