@@ -171,6 +171,13 @@ def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
     # peft_lora_parameters); ordered as the module holds them, as PEFT wraps them
     order = {path: i for i, (path, _) in enumerate(parameter_paths(model))}
     targeted = sorted((p.target for p in parts if p.target != p.path), key=order.__getitem__)
+    on_root = [path for path in targeted if not path.module_path]
+    if on_root:
+        raise UnsupportedOperationError(
+            f"LoRA on {on_root[0]!r}, a parameter of the model's root module, has no PEFT form "
+            "(PEFT cannot target parameters of the module it wraps); keep it as a deltahooks "
+            "file with delta.save(...), or attach the delta to a model that holds this one"
+        )
     prefix_of = {path: prefix for prefix, path in nesting(targeted).items()}
     for part in parts:
         spec = spec_of[part.spec_index]
