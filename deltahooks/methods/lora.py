@@ -69,7 +69,14 @@ class LoRA(DeltaSpec):
             these). Required. PEFT: ``target_modules``. Each target must be an
             ``nn.Linear``, transformers' GPT-2 ``Conv1D``, ``nn.Embedding`` or
             ``nn.Conv1d/2d/3d`` with ``groups=1``; any other module raises
-            :class:`deltahooks.UnsupportedModuleError` at attach.
+            :class:`deltahooks.UnsupportedModuleError` at attach. A string that matches
+            no module may name a *parameter* instead (``"experts.gate_up_proj"``,
+            ``"o_proj.weight"``; PEFT: ``target_parameters``): a 2-D weight (out × in)
+            or a 3-D expert stack (experts × out × in, as transformers stores MoE
+            experts) then reads ``W + s · BA`` through a weight site, with one ``A``
+            (E × r × in) and ``B`` (E × out × r) per expert; ``dropout``, ``dora`` and
+            the PiSSA/OLoRA inits are refused there (see
+            :mod:`deltahooks.methods.lora_parameters`).
         exclude: modules to leave out of ``targets``, same syntax. Default ``None``.
             PEFT: ``exclude_modules``.
         r: the rank of the update, a positive integer. Default ``8``. Paper: ``r``;
@@ -132,6 +139,12 @@ class LoRA(DeltaSpec):
         >>> delta = dh.attach(model, spec)
         >>> {key: tuple(t.shape) for key, t in delta.state_dict().items()}
         {'0.lora_A': (2, 4), '0.lora_B': (4, 2), '1.lora_A': (1, 4), '1.lora_B': (4, 1)}
+        >>> experts = torch.nn.Module()
+        >>> experts.stack = torch.nn.Parameter(torch.randn(3, 6, 5))  # 3 experts, 5 → 6
+        >>> model = torch.nn.Sequential(experts)
+        >>> delta = dh.attach(model, dh.LoRA(targets=["stack"], r=2))
+        >>> {key: tuple(t.shape) for key, t in delta.state_dict().items()}
+        {'0.stack.lora_A': (3, 2, 5), '0.stack.lora_B': (3, 6, 2)}
     """
 
     method = "lora"
