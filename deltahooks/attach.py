@@ -94,7 +94,9 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
         owner[key] = who
 
     for index, spec in enumerate(specs):
-        resolved = resolve_targets(model, spec.targets, spec.exclude)
+        resolved = resolve_targets(
+            model, spec.targets, spec.exclude, parameters=spec.parameter_targets
+        )
         for path, module in resolved:
             spec.check_module(path, module)
         spec.check_targets(resolved)

@@ -40,9 +40,10 @@ class PartView(NamedTuple):
     """A read-only view of one part: which method sits where, and its live tensors."""
 
     method: str
-    path: str
+    path: str  # the module the part acts on
     spec_index: int
     tensors: dict[str, torch.Tensor]  # delta state_dict key -> live tensor
+    target: str = ""  # what it was resolved from: ``path``, or a parameter path on it
 
 
 def teardown(root: nn.Module, name: str, ledger: Ledger, freeze_base: bool) -> None:
@@ -112,8 +113,9 @@ class Delta(nn.Module):
 
     @property
     def paths(self) -> list[str]:
-        """The target module paths, one per part, in attach order."""
-        return [part.path for part in self._parts]
+        """The target paths, one per part, in attach order: a module path, or for a part
+        that adapts one parameter, that parameter's path (``experts.gate_up_proj``)."""
+        return [part.target for part in self._parts]
 
     @property
     def parts(self) -> list[PartView]:
@@ -126,9 +128,8 @@ class Delta(nn.Module):
             tensors = {
                 entry.key: self._ledger.tensor(entry) for entry in part.entries if entry.saved
             }
-            views.append(
-                PartView(self.specs[part.spec_index].method, part.path, part.spec_index, tensors)
-            )
+            method = self.specs[part.spec_index].method
+            views.append(PartView(method, part.path, part.spec_index, tensors, part.target))
         return views
 
     @property
@@ -232,7 +233,7 @@ class Delta(nn.Module):
         paths: list[list[str]] = [[] for _ in self.specs]
         keys: list[set[str]] = [set() for _ in self.specs]
         for part in self._parts:
-            paths[part.spec_index].append(part.path)
+            paths[part.spec_index].append(part.target)
             entries = [*part.shared.values(), *part.entries]
             keys[part.spec_index].update(entry.key for entry in entries if entry.saved)
         state, sharded = gathered(self.state_dict())  # FSDP2: a collective, on every rank

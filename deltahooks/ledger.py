@@ -24,8 +24,12 @@ RESERVED_PREFIX = "dh__"
 
 
 def reserved_name(delta_name: str, local: str) -> str:
-    """The module-level name of a delta tensor, e.g. ``dh__default__lora_A``."""
-    return f"{RESERVED_PREFIX}{delta_name}__{local}"
+    """The module-level name of a delta tensor, e.g. ``dh__default__lora_A``.
+
+    A dotted local name (``gate_up_proj.lora_A``: a tensor that belongs to one parameter
+    of the module) is registered with ``__`` for the dots, which torch forbids in names.
+    """
+    return f"{RESERVED_PREFIX}{delta_name}__{local.replace('.', '__')}"
 
 
 def is_reserved(name: str) -> bool:

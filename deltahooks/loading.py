@@ -18,7 +18,7 @@ from .attach import NAME_PATTERN, attach_with_state, plan
 from .errors import DeltaError, DeltaFileError
 from .io import FLOAT_DTYPES, read_header, read_tensors, stored_layout
 from .spec import METHODS, DeltaSpec
-from .targets import Paths
+from .targets import Paths, parameter_paths
 
 
 def specs_from_header(header: dict[str, Any]) -> list[DeltaSpec]:
@@ -123,10 +123,16 @@ def _swap_into(model: nn.Module, delta, where: str, allow_nonfinite: bool):
 
 
 def _has_module(model: nn.Module, path: str) -> bool:
+    """A module at ``path``, or a parameter there (a parameter target's recorded path)."""
     try:
         model.get_submodule(path)
     except AttributeError:
-        return False
+        owner_path, _, name = path.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path)
+        except AttributeError:
+            return False
+        return any(found == name for found, _ in parameter_paths(owner) if "." not in found)
     return True
 
 

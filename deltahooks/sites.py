@@ -21,6 +21,7 @@ hidden state); the rest passes through.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -131,11 +132,15 @@ class WeightSite:
 
     The module's own forward (and any code reading ``module.<attr>``) sees the new value;
     the base model's ``state_dict`` keys and order are unchanged while attached.
+    ``once_per_call=True`` computes it once per call of the module, however often its
+    forward reads the attribute (an MoE experts module indexes its weight stack once per
+    expert): the value is kept for the call, per thread, and dropped when it returns.
     """
 
     fn: Callable
     attr: str = "weight"
     tensors: tuple[str, ...] = ()
+    once_per_call: bool = False
 
 
 @dataclass(frozen=True)
@@ -425,6 +430,43 @@ class RootCallHook:
         )
 
 
+class CallMemo:
+    """One value kept while a module call runs, per thread (``WeightSite.once_per_call``).
+
+    ``open``/``close`` bracket the call (a pre-hook and an always-called forward hook);
+    outside a call nothing is kept. Copies start empty.
+    """
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def open(self, *_) -> None:
+        if not torch.compiler.is_compiling():
+            self.local.depth = getattr(self.local, "depth", 0) + 1
+
+    def close(self, *_) -> None:
+        if not torch.compiler.is_compiling():
+            self.local.depth = max(getattr(self.local, "depth", 0) - 1, 0)
+            if not self.local.depth:
+                self.local.value = None
+
+    def get(self) -> torch.Tensor | None:
+        return getattr(self.local, "value", None)
+
+    def put(self, value: torch.Tensor) -> None:
+        if getattr(self.local, "depth", 0):
+            self.local.value = value
+
+    def __deepcopy__(self, memo) -> CallMemo:
+        return CallMemo()
+
+    def __getstate__(self) -> None:
+        return None
+
+    def __setstate__(self, state) -> None:
+        self.local = threading.local()
+
+
 class WeightFunction(nn.Module):
     """The parametrization of a :class:`WeightSite`: ``W ↦ fn(W, tensors)`` while active.
 
@@ -432,21 +474,36 @@ class WeightFunction(nn.Module):
     looked up at call time without making the module its own descendant.
     """
 
-    def __init__(self, site: WeightSite, switch: Switch, source: TensorSource, owner: nn.Module):
+    def __init__(
+        self,
+        site: WeightSite,
+        switch: Switch,
+        source: TensorSource,
+        owner: nn.Module,
+        memo: CallMemo | None = None,
+    ):
         super().__init__()
         self.__dict__["fn"] = site.fn
         self.__dict__["switch"] = switch
         self.__dict__["source"] = source
         self.__dict__["owner"] = owner
+        self.__dict__["memo"] = memo
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
         if not compiling and not self.switch.active:
             return weight
+        memo = None if compiling else self.memo
+        if memo is not None:
+            kept = memo.get()
+            if kept is not None:
+                return kept
         tensors = self.source.gather(self.owner)
         _refuse_meta(self.switch, self.owner, weight, tensors)
         tensors = in_dtype_of(tensors, weight)
         new = _call(self.switch, self.owner, weight, tensors, self.fn, weight, tensors)
+        if memo is not None:
+            memo.put(new)
         return gated(self.switch, new, weight) if compiling else new
 
 
@@ -532,8 +589,13 @@ def install_site(ledger: Ledger, path: str, site: Site, switch: Switch, source) 
         hook = RootCallHook(site, switch, source, ledger.module(path))
         return [ledger.forward_pre_hook(site.module, hook, with_kwargs=True)]
     if isinstance(site, WeightSite):
-        function = WeightFunction(site, switch, source, ledger.module(path))
-        return [ledger.parametrize(path, site.attr, function)]
+        memo = CallMemo() if site.once_per_call else None
+        function = WeightFunction(site, switch, source, ledger.module(path), memo)
+        installed = [ledger.parametrize(path, site.attr, function)]
+        if memo is not None:
+            installed.append(ledger.forward_pre_hook(path, memo.open))
+            installed.append(ledger.forward_hook(path, memo.close, always_call=True))
+        return installed
     if isinstance(site, FlagSite):
         flag = ActiveFlag(switch)
         return [ledger.attribute(module, site.attr, flag) for module in site.modules]

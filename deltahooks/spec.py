@@ -67,6 +67,9 @@ class DeltaSpec:
     """Base of every method's hyperparameters; ``targets`` uses :mod:`deltahooks.targets`."""
 
     method: ClassVar[str] = ""
+    parameter_targets: ClassVar[bool] = False
+    """True: a target string that matches no module may name a parameter; :meth:`make_part`
+    then gets a :class:`~deltahooks.targets.ParameterPath` and the module that owns it."""
     targets: Target
     exclude: Target | None = None
     # the delta's own dtype, e.g. "float32" on a bfloat16 model (master weights in full
@@ -206,6 +209,9 @@ class Part:
         unsaved: local names of buffers in ``tensors`` that the method rebuilds in
             ``make_part`` from the base model (a weight's residual, say): they live on the
             model while attached but are not part of the delta's ``state_dict`` or file.
+        target: what the part was resolved from, as files record it and ``delta.paths``
+            lists it: ``path`` by default, a :class:`~deltahooks.targets.ParameterPath`
+            for a part that adapts one parameter of the module at ``path``.
     """
 
     def __init__(
@@ -219,8 +225,10 @@ class Part:
         merge_order: int = 1,
         exclusive_merge: bool = False,
         unsaved: Iterable[str] = (),
+        target: str | None = None,
     ) -> None:
         self.path = path
+        self.target = path if target is None else target
         self.tensors: dict[TensorKey, tuple[torch.Tensor, bool]] = {}
         for key, value in tensors.items():
             owner, local = (path, key) if isinstance(key, str) else key

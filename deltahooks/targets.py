@@ -15,6 +15,14 @@ Every method shares this one grammar, so "where a delta goes" never depends on
   such as a method's default selection, says that when it matches nothing);
 - :class:`Paths`: exact module paths (what a saved file records);
 - a list or tuple of the above (their union).
+
+Parameter targets (``resolve_targets(..., parameters=True)``, for methods that can adapt
+a bare parameter, such as LoRA on an MoE expert stack): a string or :class:`Paths` entry
+that matches no module is matched against *parameter paths*, ``<module path>.<name>`` for
+every parameter registered on a module itself (what ``model.named_parameters()`` lists),
+and each hit resolves to a :class:`ParameterPath` with its owning module. A string that
+matches a module always targets modules, so ``"q_proj"`` never means a parameter and
+``"q_proj.weight"`` (no module has that path) always does.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import re
 from collections.abc import Callable, Iterable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import TargetError
 from .layers import is_linear_like
+from .ledger import is_reserved
 
 ALL_LINEAR = "all-linear"
 _GLOB_CHARS = frozenset("*?[")
@@ -50,6 +60,49 @@ class Paths(tuple):
 
 
 Target = str | type | nn.Module | Callable[[str, nn.Module], bool] | Paths | list | tuple
+
+
+class ParameterPath(str):
+    """A resolved target that names a parameter, ``"<module path>.<parameter name>"``.
+
+    :func:`resolve_targets` with ``parameters=True`` returns it, paired with the module
+    that owns the parameter, for a target that names a parameter rather than a module.
+
+    Example:
+        >>> path = ParameterPath("model.layers.0.mlp.experts.gate_up_proj")
+        >>> path.module_path, path.name
+        ('model.layers.0.mlp.experts', 'gate_up_proj')
+    """
+
+    __slots__ = ()
+
+    @property
+    def module_path(self) -> str:
+        """The path of the module that holds the parameter (``""``: the root)."""
+        return self.rpartition(".")[0]
+
+    @property
+    def name(self) -> str:
+        """The parameter's name on its module."""
+        return self.rpartition(".")[2]
+
+
+def parameter_paths(model: nn.Module) -> list[tuple[ParameterPath, nn.Module]]:
+    """``[(parameter path, owning module)]`` of every parameter registered on a module itself,
+    in ``named_modules()`` order and each module's own parameter order; delta tensors and
+    torch's ``parametrizations`` containers are left out, a parametrized parameter is
+    listed under its own name."""
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList) or path.endswith("parametrizations"):
+            continue
+        names = [n for n, p in module._parameters.items() if p is not None and not is_reserved(n)]
+        if parametrize.is_parametrized(module):
+            for name, chain in module.parametrizations.items():
+                if isinstance(chain.original, nn.Parameter) and name not in names:
+                    names.append(name)
+        found.extend((ParameterPath(f"{path}.{n}" if path else n), module) for n in names)
+    return found
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -136,8 +189,8 @@ def describe(targets: Target) -> object:
     return f"callable:{getattr(targets, '__qualname__', repr(targets))}"
 
 
-def _closest(entry, model: nn.Module, limit: int = 5) -> list[str]:
-    paths = [p for p, _ in model.named_modules() if p]
+def _closest(entry, model: nn.Module, limit: int = 5, paths: list[str] | None = None) -> list[str]:
+    paths = [p for p, _ in model.named_modules() if p] if paths is None else paths
     if isinstance(entry, Paths) and entry:
         entry = entry[0]
     if not isinstance(entry, str):
@@ -166,7 +219,7 @@ def _did_you_mean(entry) -> str:
     return f" Did you mean {near[0]!r}?" if near else ""
 
 
-def _no_match_error(entry, model: nn.Module, what: str) -> TargetError:
+def _no_match_error(entry, model: nn.Module, what: str, parameters: bool = False) -> TargetError:
     hint = getattr(entry, "no_match_hint", None)
     if callable(entry) and isinstance(hint, str):  # a method's default selection explains itself
         return TargetError(
@@ -179,9 +232,14 @@ def _no_match_error(entry, model: nn.Module, what: str) -> TargetError:
         )
     near = _closest(entry, model)
     leaves = sorted({p.rsplit(".", 1)[-1] for p, _ in model.named_modules() if p})
+    nothing, parameter_hint = "module", ""
+    if parameters:
+        candidates = [str(p) for p, _ in parameter_paths(model)]
+        nothing = "module or parameter"
+        parameter_hint = f"Closest parameter paths: {_closest(entry, model, paths=candidates)}. "
     return TargetError(
-        f"{what} {describe(entry)!r} matches no module of {type(model).__name__}."
-        f"{_did_you_mean(entry)} "
+        f"{what} {describe(entry)!r} matches no {nothing} of {type(model).__name__}."
+        f"{_did_you_mean(entry)} {parameter_hint}"
         f"Closest module paths: {near}. Module names in this model: {leaves[:30]}"
         f"{' ...' if len(leaves) > 30 else ''}. Fix the pattern (a name suffix matches on a "
         "'.' boundary; use 're:' for a regex)."
@@ -189,12 +247,15 @@ def _no_match_error(entry, model: nn.Module, what: str) -> TargetError:
 
 
 def resolve_targets(
-    model: nn.Module, targets: Target, exclude: Target | None = None
+    model: nn.Module, targets: Target, exclude: Target | None = None, *, parameters: bool = False
 ) -> list[tuple[str, nn.Module]]:
     """Resolve targets to ``[(path, module)]`` in ``model.named_modules()`` order.
 
     Every entry of ``targets`` must match at least one module, and so must every
-    entry of ``exclude``; a selection that ``exclude`` empties is an error too.
+    entry of ``exclude``; a selection that ``exclude`` empties is an error too. With
+    ``parameters=True`` a string or :class:`Paths` entry that matches no module may match
+    parameter paths instead (see the module docstring): those resolve to
+    ``(ParameterPath, owning module)``, listed right after their module's place.
 
     Example:
         >>> from torch import nn
@@ -202,28 +263,52 @@ def resolve_targets(
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
         >>> [p for p, _ in resolve_targets(model, nn.Linear, exclude="2")]
         ['0']
+        >>> [p for p, _ in resolve_targets(model, "2.weight", parameters=True)]
+        ['2.weight']
     """
     named = list(model.named_modules())
-    selected: set[int] = set()
-    for entry in _split(targets):
+    params = parameter_paths(model) if parameters else []
+
+    def hits(entry, what: str) -> tuple[set[int], set[int]]:
         matcher = _entry_matcher(entry, model)
-        hits = {i for i, (path, module) in enumerate(named) if matcher(path, module)}
-        if not hits:
-            raise _no_match_error(entry, model, "target")
-        selected |= hits
+        found = {i for i, (path, module) in enumerate(named) if matcher(path, module)}
+        found_params: set[int] = set()
+        if params and isinstance(entry, Paths):  # path by path: a module path, else a parameter
+            left = set(entry) - {named[i][0] for i in found}
+            found_params = {i for i, (path, _) in enumerate(params) if path in left}
+        elif params and isinstance(entry, str) and not found:
+            found_params = {i for i, (path, module) in enumerate(params) if matcher(path, module)}
+        if not found and not found_params:
+            raise _no_match_error(entry, model, what, parameters)
+        return found, found_params
+
+    selected: set[int] = set()
+    selected_params: set[int] = set()
+    for entry in _split(targets):
+        found, found_params = hits(entry, "target")
+        selected |= found
+        selected_params |= found_params
     if exclude is not None:
         for entry in _split(exclude):
-            matcher = _entry_matcher(entry, model)
-            hits = {i for i, (path, module) in enumerate(named) if matcher(path, module)}
-            if not hits:
-                raise _no_match_error(entry, model, "exclude entry")
-            selected -= hits
-        if not selected:
+            found, found_params = hits(entry, "exclude entry")
+            selected -= found
+            selected_params -= found_params
+        if not selected and not selected_params:
             raise TargetError(
                 f"exclude={describe(exclude)!r} removes every module that "
                 f"targets={describe(targets)!r} selects; narrow exclude or widen targets"
             )
-    return [named[i] for i in sorted(selected)]
+    if not selected_params:
+        return [named[i] for i in sorted(selected)]
+    by_owner: dict[int, list[tuple[str, nn.Module]]] = {}
+    for i in sorted(selected_params):
+        by_owner.setdefault(id(params[i][1]), []).append(params[i])
+    resolved = []
+    for i, (path, module) in enumerate(named):
+        if i in selected:
+            resolved.append((path, module))
+        resolved.extend(by_owner.pop(id(module), ()))
+    return resolved
 
 
 def first_match(path: str, module: nn.Module, patterns: dict, model: nn.Module):

@@ -78,3 +78,22 @@ def opt():
 
 
 MODELS = {"gpt2": gpt2, "llama": llama, "bert": bert, "t5": t5, "vit": vit, "opt": opt}
+
+
+def mixtral(experts_implementation: str | None = None):
+    """A tiny MoE: each layer's experts are 3-D Parameters (``gate_up_proj``: 4 × 128 × 32,
+    ``down_proj``: 4 × 32 × 64), with no Linear module per expert."""
+    config = transformers.MixtralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=97,
+        max_position_embeddings=32,
+    )
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    return transformers.MixtralForCausalLM(config), {"input_ids": torch.randint(0, 97, (2, 7))}

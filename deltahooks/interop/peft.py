@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import DeltaError, DeltaFileError, UnsupportedOperationError
 from ..targets import Paths, resolve_targets
+from . import peft_lora_parameters as parameters
 
 PREFIX = "base_model.model."
 PROMPT_PREFIX = "base_model."  # prompt and prefix tuning: PeftModel holds the model directly
@@ -188,10 +189,22 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
         raise DeltaFileError(f"LoRA tensors without their {what} at {incomplete[:5]}")
     if not lora:
         return [], {}
+    # target_parameters: PEFT's nested ParamWrappers, keyed by their owner module
+    wrapped = parameters.nesting(
+        parameters.matched_parameters(model, list(config.get("target_parameters") or []))
+    )
+    check_paths(model, [p for p in lora if p not in wrapped])
+    for prefix, path in wrapped.items():
+        if prefix in lora:
+            pair = lora.pop(prefix)
+            experts = parameters.experts_of(model, path)
+            pair["lora_A"], pair["lora_B"] = parameters.from_peft(
+                pair["lora_A"], pair["lora_B"], experts
+            )
+            lora[path] = pair
     paths = list(lora)
-    check_paths(model, paths)
     r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    ranks = {p: int(lora[p]["lora_A"].shape[0]) for p in paths}
+    ranks = {p: int(lora[p]["lora_A"].shape[-2 if p in wrapped.values() else 0]) for p in paths}
     alphas = {p: float(_peft_pattern(p, config.get("alpha_pattern") or {}, alpha)) for p in paths}
     exact = {p: "re:" + re.escape(p) for p in paths}
     spec = LoRA(

@@ -161,7 +161,8 @@ def one_setting(method: str, specs: list, name: str):
 def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
     """LoRA: same layouts; per-path ranks and alphas become exact-path patterns."""
     from ..layers import CONV1D_GPT2, EMBEDDING, kind_of
-    from ..targets import first_match
+    from ..targets import first_match, parameter_paths
+    from .peft_lora_parameters import nesting, to_peft
 
     dropout = one_setting("LoRA", specs, "dropout")
     rslora = one_setting("LoRA", specs, "rslora")
@@ -176,13 +177,30 @@ def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
     by_index = {part.spec_index: part for part in parts}
     spec_of = dict(zip(sorted(by_index), specs))
     ranks, alphas, tensors, fan_in_fan_out = {}, {}, {}, False
+    # parameter targets: PEFT nests one wrapper per parameter of a module (see
+    # peft_lora_parameters); ordered as the module holds them, as PEFT wraps them
+    order = {path: i for i, (path, _) in enumerate(parameter_paths(model))}
+    targeted = sorted((p.target for p in parts if p.target != p.path), key=order.__getitem__)
+    on_root = [path for path in targeted if not path.module_path]
+    if on_root:
+        raise UnsupportedOperationError(
+            f"LoRA on {on_root[0]!r}, a parameter of the model's root module, has no PEFT form "
+            "(PEFT cannot target parameters of the module it wraps); keep it as a deltahooks "
+            "file with delta.save(...), or attach the delta to a model that holds this one"
+        )
+    prefix_of = {path: prefix for prefix, path in nesting(targeted).items()}
     for part in parts:
         spec = spec_of[part.spec_index]
         module = model.get_submodule(part.path)
-        a, b = (part.tensors[f"{part.path}.lora_{x}"] for x in "AB")
-        ranks[part.path] = int(a.shape[0])
-        alpha = first_match(part.path, module, spec.alpha_pattern, model)
-        alphas[part.path] = float(spec.alpha if alpha is None else alpha)
+        a, b = (part.tensors[f"{part.target}.lora_{x}"] for x in "AB")
+        ranks[part.target] = int(a.shape[-2] if part.target in prefix_of else a.shape[0])
+        alpha = first_match(part.target, module, spec.alpha_pattern, model)
+        alphas[part.target] = float(spec.alpha if alpha is None else alpha)
+        if part.target in prefix_of:
+            a, b = to_peft(a.detach(), b.detach())
+            tensors[f"{prefix_of[part.target]}.lora_A.weight"] = a
+            tensors[f"{prefix_of[part.target]}.lora_B.weight"] = b
+            continue
         kind = kind_of(module)
         fan_in_fan_out |= kind == CONV1D_GPT2
         if kind == EMBEDDING:
@@ -197,7 +215,8 @@ def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
     r, alpha = most_common(ranks), most_common(alphas)
     fields = {
         "peft_type": "LORA",
-        "target_modules": sorted(ranks),
+        "target_modules": sorted(p for p in ranks if p not in prefix_of),
+        "target_parameters": targeted or None,
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,

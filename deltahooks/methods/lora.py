@@ -41,7 +41,8 @@ from ..merging import stored
 from ..registry import registry_of
 from ..sites import OutputSite, RedirectSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
-from ..targets import first_match
+from ..targets import ParameterPath, first_match
+from . import lora_parameters
 
 INITS = ("default", "gaussian", "random", "pissa", "olora")
 RESIDUAL_INITS = ("pissa", "olora")  # the layer computes with W - sBA₀ while attached
@@ -68,7 +69,14 @@ class LoRA(DeltaSpec):
             these). Required. PEFT: ``target_modules``. Each target must be an
             ``nn.Linear``, transformers' GPT-2 ``Conv1D``, ``nn.Embedding`` or
             ``nn.Conv1d/2d/3d`` with ``groups=1``; any other module raises
-            :class:`deltahooks.UnsupportedModuleError` at attach.
+            :class:`deltahooks.UnsupportedModuleError` at attach. A string that matches
+            no module may name a *parameter* instead (``"experts.gate_up_proj"``,
+            ``"o_proj.weight"``; PEFT: ``target_parameters``): a 2-D weight (out × in)
+            or a 3-D expert stack (experts × out × in, as transformers stores MoE
+            experts) then reads ``W + s · BA`` through a weight site, with one ``A``
+            (E × r × in) and ``B`` (E × out × r) per expert; ``dropout``, ``dora`` and
+            the PiSSA/OLoRA inits are refused there (see
+            :mod:`deltahooks.methods.lora_parameters`).
         exclude: modules to leave out of ``targets``, same syntax. Default ``None``.
             PEFT: ``exclude_modules``.
         r: the rank of the update, a positive integer. Default ``8``. Paper: ``r``;
@@ -131,9 +139,16 @@ class LoRA(DeltaSpec):
         >>> delta = dh.attach(model, spec)
         >>> {key: tuple(t.shape) for key, t in delta.state_dict().items()}
         {'0.lora_A': (2, 4), '0.lora_B': (4, 2), '1.lora_A': (1, 4), '1.lora_B': (4, 1)}
+        >>> experts = torch.nn.Module()
+        >>> experts.stack = torch.nn.Parameter(torch.randn(3, 6, 5))  # 3 experts, 5 → 6
+        >>> model = torch.nn.Sequential(experts)
+        >>> delta = dh.attach(model, dh.LoRA(targets=["stack"], r=2))
+        >>> {key: tuple(t.shape) for key, t in delta.state_dict().items()}
+        {'0.stack.lora_A': (3, 2, 5), '0.stack.lora_B': (3, 6, 2)}
     """
 
     method = "lora"
+    parameter_targets = True
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
@@ -156,6 +171,9 @@ class LoRA(DeltaSpec):
         validate.flag("LoRA", "dora", self.dora)
 
     def check_module(self, path: str, module: nn.Module) -> None:
+        if isinstance(path, ParameterPath):
+            lora_parameters.check(self, path, module)
+            return
         kind = kind_of(module)
         if kind not in KINDS:
             raise UnsupportedModuleError(
@@ -193,6 +211,8 @@ class LoRA(DeltaSpec):
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
+        if isinstance(path, ParameterPath):
+            return lora_parameters.make_part(self, path, module, root, device=device)
         rank, scale = self.rank_and_scale(path, module, root)
         kind = kind_of(module)
         weight = module.weight
@@ -519,7 +539,9 @@ def loraplus_param_groups(
             if not (isinstance(tensor, nn.Parameter) and tensor.requires_grad):
                 continue
             seen.add(id(tensor))
-            owner = root.get_submodule(key.rpartition(".")[0])
+            # a parameter target's tensors sit on the module that owns the parameter
+            on_parameter = view.target != view.path and key.startswith(f"{view.target}.")
+            owner = root.get_submodule(view.path if on_parameter else key.rpartition(".")[0])
             groups[_loraplus_group(key, tensor, owner, embedding)].append(tensor)
     for key, tensor in delta.shared.items():  # tensors shared by all targets of a spec
         if isinstance(tensor, nn.Parameter) and tensor.requires_grad and id(tensor) not in seen:
