@@ -26,6 +26,7 @@ else
   compiled=(--hidden 1024 --layers 8 --intermediate 2752 --heads 8 --vocab 32000 --batch 4 --seq 512)
 fi
 mkdir -p "$out"
+rm -f "$out"/*.failed  # from an earlier run
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$(($2 * scale))
   shift 2
