@@ -43,5 +43,5 @@ class DroppedLowRank(torch.autograd.Function):
 
 def dropped_low_rank(x: torch.Tensor, a, b, scale: float, p: float) -> torch.Tensor:
     """The update for ``x`` of any leading shape (flattened to tokens × fan-in)."""
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(-1, x.shape[-1]).to(a.dtype)  # one dtype inside (autocast ends at backward)
     return DroppedLowRank.apply(flat, a, b, scale, p).view(*x.shape[:-1], b.shape[0])

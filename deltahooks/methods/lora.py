@@ -43,6 +43,7 @@ from ..sites import OutputSite, RedirectSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
 from ..targets import ParameterPath, first_match
 from . import lora_parameters
+from ._lora_autograd import dropped_low_rank
 
 INITS = ("default", "gaussian", "random", "pissa", "olora")
 RESIDUAL_INITS = ("pissa", "olora")  # the layer computes with W - sBA₀ while attached
@@ -368,14 +369,18 @@ def bypass(kind: str, scale: float, dropout: float, module: nn.Module, x, y, ten
     a, b = tensors
     if kind == EMBEDDING:
         return y + F.linear(F.embedding(x, a.t(), module.padding_idx), b) * scale
+    recording = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
     if dropout and module.training:
+        if recording and kind != CONV and not torch.compiler.is_compiling():
+            # keeps x and a mask for backward, not a dropped copy per layer
+            return y + dropped_low_rank(x, a, b, scale, dropout).to(y.dtype)
         x = F.dropout(x, dropout, True)
     if kind == CONV:
         conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]
         return y + conv(module._conv_forward(x, a, None), b) * scale
     h = F.linear(x, a)
     h = h.reshape(-1, h.shape[-1])
-    if writable:
+    if writable and not recording:  # in place saves a copy at inference, costs in training
         y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
         return y
     return torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=scale).view(y.shape)

@@ -46,3 +46,43 @@ def test_backward_keeps_the_input_and_a_mask_not_a_dropped_copy():
     big = [t for t in saved if t.numel() == x.numel()]
     assert any(t.data_ptr() == x.data_ptr() for t in big)  # x itself, not a copy
     assert sorted(t.dtype for t in big if t.data_ptr() != x.data_ptr()) == [torch.bool]
+
+
+def test_a_training_step_with_dropout_equals_peft_for_the_same_seed():
+    """The same masks are drawn in the same order as PEFT's, so loss and gradients agree."""
+    import copy
+
+    import pytest
+
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from tiny_models import llama
+
+    import deltahooks as dh
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(0)
+    base, inputs = llama()
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    delta = dh.attach(ours, dh.LoRA(targets=targets, r=4, dropout=0.3, init="random"))
+    config = peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.3)
+    wrapped = peft.get_peft_model(theirs, config)
+    state = delta.state_dict()
+    names = {}
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                key = name.removeprefix("base_model.model.").removesuffix(".default.weight")
+                param.copy_(state[key])
+                names[key] = param
+    ours.train()
+    wrapped.train()
+    losses = []
+    for model in (ours, wrapped):
+        torch.manual_seed(5)
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+    for key, param in delta.named_parameters():
+        torch.testing.assert_close(param.grad, names[key].grad, rtol=1e-5, atol=1e-7)
