@@ -4,7 +4,7 @@ Plain autograd keeps ``dropout(x)`` (tokens × fan-in, the activations' dtype) f
 gradient of ``A``, one copy per adapted layer, on top of the dropout mask: for q/k/v that
 is three copies of one input. This function keeps the input itself (one tensor, shared
 by every layer that reads it and usually kept by the model anyway), the dropout mask
-(one byte per element) and the rank-r activation ``h``, and rebuilds ``dropout(x)`` in
+(one bit per element) and the rank-r activation ``h``, and rebuilds ``dropout(x)`` in
 backward. Used in training with dropout > 0 only: without dropout plain autograd already
 keeps just ``x`` and ``h``.
 """
@@ -12,6 +12,25 @@ keeps just ``x`` and ``h``.
 from __future__ import annotations
 
 import torch
+
+BITS = 8
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as one bit per element (uint8, padded to a multiple of 8)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % BITS
+    if pad:
+        flat = torch.cat((flat, flat.new_zeros(pad)))
+    weights = torch.tensor([1 << i for i in range(BITS)], dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, BITS).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The bool tensor :func:`pack_bits` packed, of ``shape``."""
+    shifts = torch.arange(BITS, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[: shape.numel()].view(shape).bool()
 
 
 class DroppedLowRank(torch.autograd.Function):
@@ -21,13 +40,14 @@ class DroppedLowRank(torch.autograd.Function):
     def forward(ctx, x, a, b, scale: float, p: float):
         dropped, keep = torch.native_dropout(x, p, True)
         h = dropped @ a.t()
-        ctx.save_for_backward(x, keep, a, b, h)
+        ctx.save_for_backward(x, pack_bits(keep), a, b, h)
         ctx.scale, ctx.p = scale, p
         return (h @ b.t()) * scale
 
     @staticmethod
     def backward(ctx, grad):
-        x, keep, a, b, h = ctx.saved_tensors
+        x, packed, a, b, h = ctx.saved_tensors
+        keep = unpack_bits(packed, x.shape)
         factor = 1.0 / (1.0 - ctx.p)
         grad = grad * ctx.scale
         grad_x = grad_a = grad_b = None

@@ -45,7 +45,17 @@ def test_backward_keeps_the_input_and_a_mask_not_a_dropped_copy():
         dropped_low_rank(x, a, b, 1.0, 0.1)
     big = [t for t in saved if t.numel() == x.numel()]
     assert any(t.data_ptr() == x.data_ptr() for t in big)  # x itself, not a copy
-    assert sorted(t.dtype for t in big if t.data_ptr() != x.data_ptr()) == [torch.bool]
+    assert [t for t in big if t.data_ptr() != x.data_ptr()] == []  # no dropped copy
+    masks = [t for t in saved if t.dtype == torch.uint8]
+    assert [t.numel() for t in masks] == [x.numel() // 8]  # the mask, one bit per element
+
+
+def test_bit_packing_round_trips_any_length():
+    from deltahooks.methods._lora_autograd import pack_bits, unpack_bits
+
+    for n in (1, 7, 8, 9, 1000):
+        mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
+        assert torch.equal(unpack_bits(pack_bits(mask), mask.shape), mask)
 
 
 def test_a_training_step_with_dropout_equals_peft_for_the_same_seed():
