@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from .distributed import gathered, writes
+from .distributed import gathered, shaped_like, writes
 from .errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
 from .io import write_delta
 from .ledger import Ledger, TensorEntry
@@ -208,7 +208,7 @@ class Delta(nn.Module):
                 raise DeltaFileError(
                     f"tensor {key!r} has dtype {value.dtype}, but the delta holds {target.dtype}"
                 )
-            pairs.append((target, value))
+            pairs.append((target, shaped_like(target, value)))
         for target, value in pairs:  # all checked first: all-or-nothing
             target.copy_(value)
         return LoadResult(missing, unexpected)

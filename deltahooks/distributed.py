@@ -39,3 +39,17 @@ def writes(sharded: bool) -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def shaped_like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) as ``target`` holds it: this rank's shard of a ``DTensor``.
+
+    Every rank must call this with the same full ``value`` (each keeps its own shard).
+    """
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(target, dtensor) or isinstance(value, dtensor):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    value = value.to(device=target.device, dtype=target.dtype)
+    return distribute_tensor(value, target.device_mesh, target.placements)

@@ -25,12 +25,16 @@ def main(mode: str, out: str) -> None:
     model, _ = llama()
     delta = dh.attach(model, dh.LoRA(targets=["q_proj", "v_proj"], r=2, init="random"))
     ids = torch.randint(0, 97, (4, 6), generator=torch.Generator().manual_seed(1))
+    start = out + ".start.safetensors"
     rank, world = 0, 1
     if mode != "single":
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
+
+        if rank == 0:
+            delta.save(start)  # the untrained delta, to hot-swap back in after training
 
         for layer in model.model.layers:
             fully_shard(layer)
@@ -41,6 +45,8 @@ def main(mode: str, out: str) -> None:
     else:
         trained = model
     rows = ids[rank * 4 // world : (rank + 1) * 4 // world]
+    with torch.no_grad():
+        untrained = trained(input_ids=rows).logits
     optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.5)
     for _ in range(3):
         trained(input_ids=rows, labels=rows).loss.backward()
@@ -60,8 +66,13 @@ def main(mode: str, out: str) -> None:
         with torch.no_grad():
             want = model(input_ids=rows).logits
             torch.testing.assert_close(fresh(input_ids=rows).logits, want, rtol=0, atol=1e-6)
+            # and a file hot-swaps into the sharded delta: each rank keeps its shard
+            dh.load(model, start, into=delta)
+            torch.testing.assert_close(model(input_ids=rows).logits, untrained, rtol=0, atol=1e-6)
     if mode != "single":
         dist.barrier()
+        if rank == 0 and os.path.exists(start):
+            os.remove(start)
         dist.destroy_process_group()
 
 
