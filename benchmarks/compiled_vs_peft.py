@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lora_vs_peft as bench
+from _method_vs_peft import markdown_table
 
 GOAL = 1.00
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     figure = bench.timed_figure(
         "compiled LoRA train step, ours / PEFT", phase, "ours", "peft", GOAL
     )
-    table = bench.markdown_table([figure])
+    table = markdown_table([figure])
     print(f"\n{figure.name}: ratio {figure.ratio:.3f}, goal <= {GOAL}, {figure.verdict}")
     print(f"  {figure.notes}\n\n{table}")
     out = args.out.with_name("compiled_vs_peft.md")

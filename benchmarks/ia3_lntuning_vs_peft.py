@@ -29,78 +29,17 @@ The markdown table is also written to ``benchmarks/out/ia3_lntuning_vs_peft.md``
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import platform
-import subprocess
-import sys
-import warnings
-from collections.abc import Callable
-from pathlib import Path
 
-import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
 import torch
-from lora_vs_peft import (
-    DTYPES,
-    MIB,
-    SHAPES,
-    Figure,
-    build_base,
-    device_name,
-    forward_fn,
-    make_batch,
-    markdown_table,
-    max_diff,
-    profile_forwards,
-    timed_figure,
-    timed_phase,
-    trainable,
-)
+from _method_vs_peft import (
+    MethodBench,
+    dh,
+    main,
+    peft_tensors,
+)  # benchmarks/ is sys.path[0] as a script
 from torch import nn
 
-try:
-    import deltahooks as dh
-except ModuleNotFoundError:  # a checkout without `pip install -e .`: use the package beside us
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import deltahooks as dh
-
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "out" / "ia3_lntuning_vs_peft.md"
-METHODS = ("ia3", "ln_tuning")
 IA3_TARGETS, IA3_FEEDFORWARD = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
-GOALS = {"forward": 1.00, "train": 1.00, "merged": 1.01, "memory": 1.00}
-
-
-# --------------------------------------------------------------------------- setup
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: smoke run")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    for name, (ref, quick) in SHAPES.items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=int, default=None, help=f"default {ref} ({quick} quick)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess figure")
-    parser.add_argument(
-        "--profile", type=int, default=0, metavar="N", help="profile N forwards of each side"
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown table path")
-    parser.add_argument(
-        "--memory-worker", nargs=2, metavar=("METHOD", "SIDE"), help=argparse.SUPPRESS
-    )
-    args = parser.parse_args(argv)
-    for name, (ref, quick) in SHAPES.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else ref)
-    args.methods = [m for m in args.methods.split(",") if m]
-    if not set(args.methods) <= set(METHODS) or not args.methods:
-        parser.error(f"--methods takes a comma-separated subset of {list(METHODS)}")
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be >= 1 and --warmup >= 0")
-    return args
 
 
 def attach_ours(method: str, model: nn.Module, args: argparse.Namespace) -> dh.Delta:
@@ -118,7 +57,7 @@ def attach_ours(method: str, model: nn.Module, args: argparse.Namespace) -> dh.D
     return delta
 
 
-def attach_peft(method: str, model: nn.Module) -> nn.Module:
+def attach_peft(method: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
     """PEFT's model; its trainable tensors kept in the model dtype (no fp32 upcast), as ours."""
     from peft import IA3Config, LNTuningConfig, get_peft_model
 
@@ -134,245 +73,35 @@ def attach_peft(method: str, model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def copy_into_peft(method: str, delta: dh.Delta, peft_model: nn.Module) -> int:
     """Give PEFT our values: IA3 vectors reshaped to its layout; LN copies at base + Δ."""
-    inner = peft_model.base_model.model
-    count = 0
-    for part in delta.parts:
-        layer = inner.get_submodule(part.path)
-        for key, tensor in part.tensors.items():
-            local = key.rsplit(".", 1)[1]
-            if method == "ia3":
-                target = layer.ia3_l["default"]
-                target.copy_(tensor.view_as(target))
-            else:
-                attr = local.removeprefix("ln_")  # ln_weight -> weight
-                base = getattr(layer.base_layer, attr)
-                getattr(layer.ln_tuning_layers["default"], attr).copy_(base + tensor)
-            count += 1
-    return count
+    pairs = peft_tensors(delta, peft_model)
+    for layer, local, tensor in pairs:
+        if method == "ia3":
+            target = layer.ia3_l["default"]
+            target.copy_(tensor.view_as(target))
+        else:
+            attr = local.removeprefix("ln_")  # ln_weight -> weight
+            base = getattr(layer.base_layer, attr)
+            getattr(layer.ln_tuning_layers["default"], attr).copy_(base + tensor)
+    return len(pairs)
 
 
-def train_fn(model: nn.Module, ids: torch.Tensor, losses: list[torch.Tensor]) -> Callable[[], None]:
-    """One AdamW step on the causal-LM loss; no weight decay, which would pull our Δ to 0
-    but PEFT's copies to 0 too (not to the base), so the two would train differently."""
-    optimizer = torch.optim.AdamW(trainable(model), lr=1e-4, weight_decay=0.0)
-
-    def run() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    return run
-
-
-def environment(args: argparse.Namespace, device: torch.device) -> list[str]:
-    import peft
-    import transformers
-
-    return [
-        f"date: {timing.utc_now()}",
-        f"device: {device} - {device_name(device)}; torch threads: {torch.get_num_threads()}",
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"deltahooks {dh.__version__} ({timing.git_commit()})",
-        f"workload: Llama hidden={args.hidden} layers={args.layers} "
-        f"intermediate={args.intermediate} heads={args.heads} vocab={args.vocab}, "
-        f"batch {args.batch} x {args.seq} tokens, {args.dtype}; IA3 on "
-        f"{','.join(IA3_TARGETS)} (feedforward {','.join(IA3_FEEDFORWARD)}); LN tuning on "
-        f"every norm ({2 * args.layers + 1} layers)",
-        f"timing: {args.warmup} warm-up + {args.rounds} interleaved rounds; "
-        "ratio = median of per-round ratios",
-    ]
-
-
-# ------------------------------------------------------------------------ memory
-def memory_worker(args: argparse.Namespace) -> None:
-    """Child process: build one side of one method, train, print its peak as JSON."""
-    import peft  # noqa: F401  (same imports on both sides)
-
-    method, side = args.memory_worker
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    model = build_base(args, device, DTYPES[args.dtype])
-    if side == "ours":
-        attach_ours(method, model, args)
-    else:
-        model = attach_peft(method, model)
-    model.train()
-    step = train_fn(model, make_batch(args, device), [])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        before = timing.current_rss_bytes()
-        if not timing.reset_peak_rss():
-            print("warning: cannot reset the peak-RSS watermark", file=sys.stderr)
-    for _ in range(args.memory_steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = timing.peak_rss_bytes()
-    print(json.dumps({"before": before, "peak": peak}))
-
-
-def measure_memory(method: str, argv: list[str]) -> dict[str, list[dict[str, int]]]:
-    """Each side twice, interleaved, each time in a fresh interpreter."""
-    results: dict[str, list[dict[str, int]]] = {"ours": [], "peft": []}
-    for side in ["ours", "peft", "peft", "ours"]:
-        command = [sys.executable, str(Path(__file__).resolve()), *argv]
-        command += ["--memory-worker", method, side]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory worker {method} {side} failed:\n{done.stderr[-3000:]}")
-        results[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return results
-
-
-# -------------------------------------------------------------------------- main
-def run_method(
-    method: str, base: nn.Module, args: argparse.Namespace, argv: list[str]
-) -> tuple[list[Figure], list[str]]:
-    device = torch.device(args.device)
-    label = {"ia3": "IA3", "ln_tuning": "LN tuning"}[method]
-    ours_model = copy.deepcopy(base)
-    peft_model = attach_peft(method, copy.deepcopy(base))
-    delta = attach_ours(method, ours_model, args)
-    copied = copy_into_peft(method, delta, peft_model)
-    n_ours, n_peft = (sum(p.numel() for p in trainable(m)) for m in (ours_model, peft_model))
-    peft_model.eval()
-    ids = make_batch(args, device)
-    checks: list[str] = []
-
-    def check(line: str) -> None:
-        print(f"check: {label}: {line}")
-        checks.append(f"{label}: {line}")
-
-    fwd = {name: forward_fn(m, ids) for name, m in [("ours", ours_model), ("peft", peft_model)]}
-    fwd["base"] = forward_fn(base, ids)
-    out = {name: fn() for name, fn in fwd.items()}
-    check(f"{copied} tensors copied; trainable params ours {n_ours}, PEFT {n_peft}")
-    check(
-        f"max |logits ours - PEFT| = {max_diff(out['ours'], out['peft']):.3g} "
-        f"(effect |ours - base| = {max_diff(out['ours'], out['base']):.3g})"
-    )
-    if n_ours != n_peft:
-        raise SystemExit(f"{label}: trainable parameter counts differ: not the same delta")
-
-    t_fwd = timed_phase(f"{label} forward (eval, no_grad)", fwd, args, device)
-    if args.profile:
-        profile_forwards({"ours": fwd["ours"], "peft": fwd["peft"]}, args.profile)
-
-    losses: dict[str, list[torch.Tensor]] = {"ours": [], "peft": []}
-    ours_model.train()
-    peft_model.train()
-    train = {
-        name: train_fn(m, ids, losses[name])
-        for name, m in [("ours", ours_model), ("peft", peft_model)]
-    }
-    t_train = timed_phase(f"{label} train step (LM loss fwd + bwd + AdamW)", train, args, device)
-    ours_model.eval()
-    peft_model.eval()
-    loss_gap = max(abs(a.item() - b.item()) for a, b in zip(losses["ours"], losses["peft"]))
-    after = {name: fwd[name]() for name in ("ours", "peft")}
-    check(
-        f"after {len(losses['ours'])} train steps: max |loss ours - PEFT| = {loss_gap:.3g}, "
-        f"max |logits ours - PEFT| = {max_diff(after['ours'], after['peft']):.3g}"
+def workload(args: argparse.Namespace) -> str:
+    return (
+        f"IA3 on {','.join(IA3_TARGETS)} (feedforward {','.join(IA3_FEEDFORWARD)}); "
+        f"LN tuning on every norm ({2 * args.layers + 1} layers)"
     )
 
-    delta.merge()
-    merged = fwd["ours"]()
-    check(f"merged vs unmerged max |logits diff|: ours {max_diff(merged, after['ours']):.3g}")
-    t_merged = timed_phase(
-        f"{label} merged forward vs base without delta",
-        {"ours merged": fwd["ours"], "base": fwd["base"]},
-        args,
-        device,
-    )
-    delta.unmerge()
-    check(f"after unmerge, max |logits diff| ours {max_diff(fwd['ours'](), after['ours']):.3g}")
 
-    figures = [
-        timed_figure(f"{label} forward, ours / PEFT", t_fwd, "ours", "peft", GOALS["forward"]),
-        timed_figure(f"{label} forward, ours / base (no delta)", t_fwd, "ours", "base", None),
-        timed_figure(f"{label} forward, PEFT / base (reference)", t_fwd, "peft", "base", None),
-        timed_figure(f"{label} train step, ours / PEFT", t_train, "ours", "peft", GOALS["train"]),
-        timed_figure(
-            f"{label} merged forward, ours / base", t_merged, "ours merged", "base", GOALS["merged"]
-        ),
-    ]
-    if not args.no_memory:
-        what = "CUDA allocated" if device.type == "cuda" else "RSS"
-        mem = measure_memory(method, argv)
-        for side, runs in mem.items():
-            peaks = ", ".join(f"{r['peak'] / MIB:.1f}" for r in runs)
-            print(f"  {label} {side:<5} peak {what} MiB: {peaks}")
-        peak = {side: timing.median([r["peak"] / MIB for r in runs]) for side, runs in mem.items()}
-        figures.append(
-            Figure(
-                f"{label} peak {what} in training, ours / PEFT",
-                peak["ours"],
-                peak["peft"],
-                peak["ours"] / peak["peft"],
-                GOALS["memory"],
-                "MiB",
-                "runs "
-                + " / ".join(", ".join(f"{r['peak'] / MIB:.0f}" for r in mem[s]) for s in mem)
-                + " MiB",
-            )
-        )
-    return figures, checks
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*[Uu]nmerge.*")
-    if args.memory_worker:
-        memory_worker(args)
-        return
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    env = environment(args, device)
-    print("\n".join(env))
-    base = build_base(args, device, DTYPES[args.dtype])
-    figures: list[Figure] = []
-    checks: list[str] = []
-    for method in args.methods:
-        more_figures, more_checks = run_method(method, base, args, argv)
-        figures += more_figures
-        checks += more_checks
-
-    print("\nresults (ratio = median of per-round ratios; best = fastest over fastest)")
-    width = max(len(f.name) for f in figures)
-    for f in figures:
-        cells = f.cells()
-        print(
-            f"  {cells[0]:<{width}}  {cells[1]:>12}  {cells[2]:>12}  ratio {cells[3]}  "
-            f"goal {cells[4]:<7}  {cells[5]:<4}  {f.notes}"
-        )
-    text = "\n".join(
-        [
-            "# deltahooks IA3 and LN tuning vs PEFT",
-            "",
-            *(f"- {line}" for line in env),
-            "",
-            markdown_table(figures),
-            "",
-            *(f"- {f.name}: {f.notes}" for f in figures if f.notes),
-            *(f"- {line}" for line in checks),
-            "",
-        ]
-    )
-    print("\n" + markdown_table(figures))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"\nwrote {args.out}")
-
+BENCH = MethodBench(
+    title="deltahooks IA3 and LN tuning vs PEFT",
+    doc=__doc__,
+    script=__file__,
+    labels={"ia3": "IA3", "ln_tuning": "LN tuning"},
+    attach_ours=attach_ours,
+    attach_peft=attach_peft,
+    share=copy_into_peft,
+    workload=workload,
+)
 
 if __name__ == "__main__":
-    main()
+    main(BENCH)

@@ -27,60 +27,49 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
-import subprocess
 import sys
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
 import torch
+from _method_vs_peft import (  # also what scaling.py and compiled_vs_peft.py use from here
+    DTYPES,
+    MIB,
+    SHAPES,
+    Figure,
+    add_shape_flags,
+    base_parser,
+    build_base,
+    dh,  # deltahooks, imported (or found beside us) by _method_vs_peft
+    fill_shapes,
+    forward_fn,
+    make_batch,
+    max_diff,
+    measure_memory,
+    memory_runs_note,
+    print_training_peak,
+    profile_forwards,
+    report,
+    timed_figure,
+    timed_phase,
+    timed_training,
+    train_fn,
+    trainable,
+)
+from _method_vs_peft import environment as shared_environment
 from torch import nn
-
-try:
-    import deltahooks as dh
-except ModuleNotFoundError:  # a checkout without `pip install -e .`: use the package beside us
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import deltahooks as dh
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "lora_vs_peft.md"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MIB = 1024 * 1024
-
-# (reference, --quick); an explicit flag beats both
-SHAPES: dict[str, tuple[int, int]] = {
-    "hidden": (512, 64),
-    "layers": (8, 2),
-    "intermediate": (1376, 172),
-    "heads": (8, 4),
-    "vocab": (32000, 1000),
-    "batch": (4, 2),
-    "seq": (128, 32),
-    "rounds": (7, 2),
-    "warmup": (2, 1),
-    "memory_steps": (3, 2),
-}
-
 GOALS = {"forward": 0.97, "train": 0.95, "merged": 1.01, "memory": 1.00}
-BUSY_WARNING = 0.10  # others' share of the CPUs above which timings are flagged
 
 
 # --------------------------------------------------------------------------- setup
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: smoke run")
-    for name, (ref, quick) in SHAPES.items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=int, default=None, help=f"default {ref} ({quick} quick)")
+    parser = base_parser(__doc__.split("\n\n")[0])
+    add_shape_flags(parser, SHAPES)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -90,33 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown table path")
     parser.add_argument("--memory-worker", choices=["ours", "peft"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    for name, (ref, quick) in SHAPES.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else ref)
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be >= 1 and --warmup >= 0")
-    return args
-
-
-def build_base(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A randomly initialised Llama: the shape matters for speed, not the weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        intermediate_size=args.intermediate,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(2048, args.seq),
-        use_cache=False,  # no KV-cache bookkeeping: it is identical for both sides anyway
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    return model.eval()
+    return fill_shapes(parser, parser.parse_args(argv), SHAPES)
 
 
 def attach_ours(model: nn.Module, args: argparse.Namespace) -> dh.Delta:
@@ -152,171 +115,14 @@ def copy_lora_into_peft(delta: dh.Delta, peft_model: nn.Module) -> int:
     return count
 
 
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def make_batch(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
-    return ids.to(device)
-
-
-def forward_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    @torch.no_grad()
-    def run() -> torch.Tensor:
-        return model(input_ids=ids).logits
-
-    return run
-
-
-def train_fn(model: nn.Module, ids: torch.Tensor, losses: list[torch.Tensor]) -> Callable[[], None]:
-    """One optimiser step on the causal-LM loss; the loss is kept, not synced, for checks."""
-    optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
-
-    def run() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    return run
-
-
-@torch.no_grad()
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-# ----------------------------------------------------------------------- reporting
-@dataclass
-class Figure:
-    """One row of the result table: ``ours`` against ``other`` (PEFT or the base)."""
-
-    name: str
-    ours: float
-    other: float
-    ratio: float
-    goal: float | None
-    unit: str
-    notes: str = ""
-
-    @property
-    def verdict(self) -> str:
-        if self.goal is None:
-            return "info"
-        # judged on the printed (3-decimal) ratio, so the table never reads "0.950 FAIL"
-        return "PASS" if round(self.ratio, 3) <= self.goal else "FAIL"
-
-    def cells(self) -> list[str]:
-        goal = "-" if self.goal is None else f"<= {self.goal:.2f}"
-        return [
-            self.name,
-            f"{self.ours:.1f} {self.unit}",
-            f"{self.other:.1f} {self.unit}",
-            f"{self.ratio:.3f}",
-            goal,
-            self.verdict,
-        ]
-
-
-def markdown_table(figures: list[Figure]) -> str:
-    header = ["figure", "ours", "PEFT/base", "ratio", "goal", "PASS/FAIL"]
-    rows = [header, ["---"] * len(header), *(f.cells() for f in figures)]
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
-
-
 def environment(args: argparse.Namespace, device: torch.device) -> list[str]:
-    import peft
-    import transformers
-
-    commit, now = timing.git_commit(), timing.utc_now()
-    return [
-        f"date: {now}",
-        f"device: {device} - {device_name(device)}; torch threads: {torch.get_num_threads()}",
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"deltahooks {dh.__version__} ({commit})",
-        f"workload: Llama hidden={args.hidden} layers={args.layers} "
-        f"intermediate={args.intermediate} heads={args.heads} vocab={args.vocab}, "
-        f"batch {args.batch} x {args.seq} tokens, {args.dtype}; LoRA r={args.rank} "
-        f"alpha={args.alpha:g} dropout=0 on {','.join(TARGETS)}",
-        f"timing: {args.warmup} warm-up + {args.rounds} interleaved rounds; "
-        "ratio = median of per-round ratios",
-    ]
-
-
-def timed_phase(
-    title: str,
-    cases: dict[str, Callable[[], object]],
-    args: argparse.Namespace,
-    device: torch.device,
-) -> tuple[dict[str, list[float]], float | None]:
-    """Interleave ``cases``, print their times and how busy the rest of the machine was."""
-    with timing.Contention() as busy:
-        times = timing.interleave(cases, rounds=args.rounds, warmup=args.warmup, device=device)
-    print(f"\n{title}; {busy.describe()}")
-    if busy.share is not None and busy.share > BUSY_WARNING:
-        print("  WARNING: the machine was busy; ratios are unreliable, compare 'best' too")
-        free = (os.cpu_count() or 1) * (1 - busy.share)
-        if device.type == "cpu" and args.threads > 1 and free < args.threads:
-            print(
-                f"  WARNING: ~{free:.1f} CPUs were free for {args.threads} torch threads; "
-                "OpenMP then stalls on every op (--threads 1 degrades more gracefully)"
-            )
-    for name, values in times.items():
-        ms = [v * 1e3 for v in values]
-        print(
-            f"  {name:<14} median {timing.median(ms):9.2f} ms   min {min(ms):9.2f}   "
-            f"max {max(ms):9.2f}   +/-{timing.spread(values) * 100:4.1f}%"
-        )
-    return times, busy.share
-
-
-def timed_figure(
-    name: str,
-    phase: tuple[dict[str, list[float]], float | None],
-    ours: str,
-    other: str,
-    goal: float | None,
-) -> Figure:
-    """Medians in ms and the paired ratio; noise, best-time ratio and load as notes."""
-    times, busy = phase
-    noise = "/".join(f"{timing.spread(times[n]) * 100:.1f}" for n in (ours, other))
-    best = timing.ratio_of_minima(times[ours], times[other])
-    load = "" if busy is None else f", others' CPU use {busy * 100:.0f}%"
-    return Figure(
-        name,
-        timing.median(times[ours]) * 1e3,
-        timing.median(times[other]) * 1e3,
-        timing.paired_ratio(times[ours], times[other]),
-        goal,
-        "ms",
-        f"best {best:.3f}, noise +/-{noise}%{load}",
-    )
+    workload = f"LoRA r={args.rank} alpha={args.alpha:g} dropout=0 on {','.join(TARGETS)}"
+    return shared_environment(args, device, workload)
 
 
 # ------------------------------------------------------------------------ memory
 def memory_worker(args: argparse.Namespace) -> None:
-    """Child process: build one side, train ``memory_steps`` steps, print its peak as JSON.
-
-    Both sides import both libraries first, so import footprint does not count. The
-    peak is reset after setup, so it covers the training steps (activations, grads,
-    AdamW state) on top of the resident model, not model construction.
-    """
+    """Child process: build one side, train ``memory_steps`` steps, print its peak as JSON."""
     import peft  # noqa: F401  (same imports on both sides)
 
     device = torch.device(args.device)
@@ -328,67 +134,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         model = attach_peft(model, args)
     model.train()
     ids = make_batch(args, device)
-    step = train_fn(model, ids, [])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        before = timing.current_rss_bytes()
-        if not timing.reset_peak_rss():
-            print("warning: cannot reset the peak-RSS watermark", file=sys.stderr)
-    for _ in range(args.memory_steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = timing.peak_rss_bytes()
-    print(json.dumps({"before": before, "peak": peak}))
-
-
-def measure_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, list[dict[str, int]]]:
-    """Run each side twice, interleaved, each time in a fresh interpreter."""
-    results: dict[str, list[dict[str, int]]] = {"ours": [], "peft": []}
-    for side in ["ours", "peft", "peft", "ours"]:
-        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-worker", side]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory worker {side} failed:\n{done.stderr[-3000:]}")
-        results[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return results
-
-
-# ----------------------------------------------------------------------- profile
-def profile_forwards(cases: dict[str, Callable[[], object]], calls: int, top: int = 15) -> None:
-    """Per-op self CPU time of ``calls`` forwards per side, and where they differ most."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
-    per_side: dict[str, dict[str, tuple[int, float]]] = {}
-    for name, fn in cases.items():
-        fn()
-        with profile(activities=activities) as prof:
-            for _ in range(calls):
-                fn()
-        averages = prof.key_averages()
-        per_side[name] = {
-            e.key: (e.count // calls, e.self_cpu_time_total / calls / 1e3) for e in averages
-        }
-        print(f"\nprofile: {name}, per forward (top {top} by self CPU time)")
-        print(averages.table(sort_by="self_cpu_time_total", row_limit=top))
-    if {"ours", "peft"} <= per_side.keys():
-        ours, peft_ops = per_side["ours"], per_side["peft"]
-        keys = sorted(
-            ours.keys() | peft_ops.keys(),
-            key=lambda k: -abs(ours.get(k, (0, 0.0))[1] - peft_ops.get(k, (0, 0.0))[1]),
-        )
-        print("\nprofile diff per forward: op, calls ours/PEFT, self CPU ms ours/PEFT, delta")
-        for key in keys[:top]:
-            (oc, ot), (pc, pt) = ours.get(key, (0, 0.0)), peft_ops.get(key, (0, 0.0))
-            print(f"  {key:<34} {oc:6d}/{pc:<6d} {ot:9.2f}/{pt:<9.2f} {ot - pt:+8.2f} ms")
+    print_training_peak(train_fn(model, ids, []), device, args.memory_steps)
 
 
 # -------------------------------------------------------------------------- main
@@ -433,21 +179,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
         profile_forwards({"ours": fwd["ours"], "peft": fwd["peft"]}, args.profile)
 
     # 2. train step
-    losses: dict[str, list[torch.Tensor]] = {"ours": [], "peft": []}
-    ours_model.train()
-    peft_model.train()
-    train = {
-        "ours": train_fn(ours_model, ids, losses["ours"]),
-        "peft": train_fn(peft_model, ids, losses["peft"]),
-    }
-    t_train = timed_phase("LoRA train step (LM loss fwd + bwd + AdamW)", train, args, device)
-    ours_model.eval()
-    peft_model.eval()
-    loss_gap = max(abs(a.item() - b.item()) for a, b in zip(losses["ours"], losses["peft"]))
-    after = {name: fwd[name]() for name in ("ours", "peft")}
-    check(
-        f"after {len(losses['ours'])} train steps: max |loss ours - PEFT| = {loss_gap:.3g}, "
-        f"max |logits ours - PEFT| = {max_diff(after['ours'], after['peft']):.3g}"
+    t_train, after = timed_training(
+        "LoRA train step (LM loss fwd + bwd + AdamW)",
+        {"ours": ours_model, "peft": peft_model},
+        lambda side, model, losses: train_fn(model, ids, losses),
+        fwd,
+        args,
+        device,
+        check,
     )
 
     # 3. merged forward against the hook-free base
@@ -483,7 +222,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
     # 4. peak memory, fresh processes
     if not args.no_memory:
         what = "CUDA allocated" if device.type == "cuda" else "RSS"
-        mem = measure_memory(args, argv)
+        mem = measure_memory(__file__, argv)
         print(f"\npeak {what} while training {args.memory_steps} steps (fresh process each)")
         for side, runs in mem.items():
             peaks = ", ".join(f"{r['peak'] / MIB:.1f}" for r in runs)
@@ -502,9 +241,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
                 peak["ours"] / peak["peft"],
                 GOALS["memory"],
                 "MiB",
-                "runs "
-                + " / ".join(", ".join(f"{r['peak'] / MIB:.0f}" for r in mem[side]) for side in mem)
-                + " MiB",
+                memory_runs_note(mem),
             )
         )
         figures.append(
@@ -531,32 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(args, torch.device(args.device))
     print("\n".join(env))
     figures, checks = run(args, argv)
-
-    print("\nresults (ratio = median of per-round ratios; best = fastest over fastest)")
-    width = max(len(f.name) for f in figures)
-    for f in figures:
-        cells = f.cells()
-        print(
-            f"  {cells[0]:<{width}}  {cells[1]:>12}  {cells[2]:>12}  ratio {cells[3]}  "
-            f"goal {cells[4]:<7}  {cells[5]:<4}  {f.notes}"
-        )
-    text = "\n".join(
-        [
-            "# deltahooks LoRA vs PEFT",
-            "",
-            *(f"- {line}" for line in env),
-            "",
-            markdown_table(figures),
-            "",
-            *(f"- {f.name}: {f.notes}" for f in figures if f.notes),
-            *(f"- {line}" for line in checks),
-            "",
-        ]
-    )
-    print("\n" + markdown_table(figures))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"\nwrote {args.out}")
+    report("deltahooks LoRA vs PEFT", env, figures, checks, args.out)
 
 
 if __name__ == "__main__":

@@ -22,19 +22,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import warnings
 from pathlib import Path
 
-import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
 import torch
-from lora_vs_peft import (
+from _method_vs_peft import (  # benchmarks/ is sys.path[0] when run as a script
     DTYPES,
+    MODEL_SHAPES,
     Figure,
-    device_name,
+    add_shape_flags,
+    base_parser,
+    build_base,
+    dh,
+    environment,
+    fill_shapes,
     forward_fn,
     make_batch,
-    markdown_table,
+    markdown_report,
     max_diff,
     timed_figure,
     timed_phase,
@@ -42,24 +46,12 @@ from lora_vs_peft import (
 )
 from torch import nn
 
-try:
-    import deltahooks as dh
-except ModuleNotFoundError:  # a checkout without `pip install -e .`: use the package beside us
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import deltahooks as dh
-
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "prompts_vs_peft.md"
 
 # (reference, --quick); an explicit flag beats both
 SHAPES: dict[str, tuple[int, int]] = {
-    "hidden": (512, 64),
-    "layers": (8, 2),
-    "intermediate": (1376, 172),
-    "heads": (8, 4),
-    "vocab": (32000, 1000),
-    "batch": (4, 2),
-    "seq": (128, 32),
+    **MODEL_SHAPES,
     "tokens": (20, 4),
     "mlp": (512, 32),
     "rounds": (7, 2),
@@ -68,39 +60,11 @@ SHAPES: dict[str, tuple[int, int]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: smoke run")
-    for name, (ref, quick) in SHAPES.items():
-        parser.add_argument("--" + name, type=int, default=None, help=f"default {ref} ({quick})")
+    parser = base_parser(__doc__.split("\n\n")[0])
+    add_shape_flags(parser, SHAPES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown table path")
-    args = parser.parse_args(argv)
-    for name, (ref, quick) in SHAPES.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else ref)
-    return args
-
-
-def build_base(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A randomly initialised Llama (the shape matters for speed, not the weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        intermediate_size=args.intermediate,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(2048, args.seq + args.tokens),
-        use_cache=False,  # forward and train step: no KV cache is returned by either side
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(args.seed)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return fill_shapes(parser, parser.parse_args(argv), SHAPES)
 
 
 @torch.no_grad()
@@ -201,44 +165,19 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="peft")
-    base = build_base(args, device, dtype)
+    base = build_base(args, device, dtype, extra_positions=args.tokens)
     ids = make_batch(args, device)
     figures, checks = [], []
     for title, make in (("prompt tuning", prompt_pair), ("prefix tuning", prefix_pair)):
         more, said = compare(title, make(base, args), base, ids, args, device)
         figures += more
         checks += said
-    import peft
-    import transformers
-
-    lines = [
-        f"date: {timing.utc_now()}",
-        f"device: {device} - {device_name(device)}; torch threads: {torch.get_num_threads()}",
-        f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}, deltahooks {dh.__version__} ({timing.git_commit()})",
-        f"workload: Llama hidden={args.hidden} layers={args.layers} "
-        f"intermediate={args.intermediate} heads={args.heads} vocab={args.vocab}, batch "
-        f"{args.batch} x {args.seq} tokens, {args.dtype}; {args.tokens} virtual tokens; "
-        f"prefix MLP width {args.mlp}",
-        f"timing: {args.warmup} warm-up + {args.rounds} interleaved rounds; "
-        "ratio = median of per-round ratios",
-    ]
-    table = markdown_table(figures)
-    notes = [f"{f.name}: {f.notes}" for f in figures]
-    text = "\n".join(
-        [
-            "# deltahooks prompt and prefix tuning vs PEFT",
-            "",
-            *(f"- {line}" for line in lines),
-            "",
-            table,
-            "",
-            *(f"- {line}" for line in notes + checks),
-        ]
-    )
-    print("\n" + text)
+    workload = f"{args.tokens} virtual tokens; prefix MLP width {args.mlp}"
+    lines = environment(args, device, workload)
+    text = markdown_report("deltahooks prompt and prefix tuning vs PEFT", lines, figures, checks)
+    print("\n" + text, end="")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    args.out.write_text(text)
 
 
 if __name__ == "__main__":

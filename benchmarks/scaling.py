@@ -37,13 +37,13 @@ from pathlib import Path
 import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
 import lora_vs_peft as lvp
 import torch
+from _method_vs_peft import BUSY_WARNING, device_name
 from torch import nn
 
 dh = lvp.dh  # deltahooks, imported (or found beside us) by lora_vs_peft
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "scaling.md"
-BUSY_WARNING = lvp.BUSY_WARNING
 
 # (default, --quick); an explicit flag beats both
 SHAPES: dict[str, tuple[int, int]] = {
@@ -281,7 +281,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> list[str]:
     commit, now = timing.git_commit(), timing.utc_now()
     return [
         f"date: {now}",
-        f"device: {device} - {lvp.device_name(device)}; torch threads: {torch.get_num_threads()}"
+        f"device: {device} - {device_name(device)}; torch threads: {torch.get_num_threads()}"
         f"; platform {platform.platform()}",
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft.__version__}, "
