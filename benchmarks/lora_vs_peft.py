@@ -63,7 +63,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "lora_vs_peft.md"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GOALS = {"forward": 0.97, "train": 0.95, "merged": 1.01, "memory": 1.00}
+GOALS = {"forward": 0.97, "train": 0.95, "merged": 1.01, "memory": 1.00, "saved": 0.82}
 
 
 # --------------------------------------------------------------------------- setup
@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_shape_flags(parser, SHAPES)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (both sides)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess figure")
     parser.add_argument(
@@ -84,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def attach_ours(model: nn.Module, args: argparse.Namespace) -> dh.Delta:
     """Both factors random (``init="random"``): a zero B would hide a wrong B path."""
-    spec = dh.LoRA(targets=TARGETS, r=args.rank, alpha=args.alpha, dropout=0.0, init="random")
+    spec = dh.LoRA(
+        targets=TARGETS, r=args.rank, alpha=args.alpha, dropout=args.dropout, init="random"
+    )
     delta = dh.attach(model, spec)
     with torch.no_grad():  # keep the delta small next to W, as after real training
         for name, tensor in delta.named_parameters():
@@ -98,7 +101,10 @@ def attach_peft(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(TARGETS)
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=list(TARGETS),
     )
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
@@ -116,7 +122,9 @@ def copy_lora_into_peft(delta: dh.Delta, peft_model: nn.Module) -> int:
 
 
 def environment(args: argparse.Namespace, device: torch.device) -> list[str]:
-    workload = f"LoRA r={args.rank} alpha={args.alpha:g} dropout=0 on {','.join(TARGETS)}"
+    workload = (
+        f"LoRA r={args.rank} alpha={args.alpha:g} dropout={args.dropout:g} on {','.join(TARGETS)}"
+    )
     return shared_environment(args, device, workload)
 
 
@@ -138,6 +146,24 @@ def memory_worker(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------- main
+def saved_for_backward(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for one training forward's backward."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return sum(storages.values())
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[str]]:
     """All phases; returns the figures and the equivalence-check lines."""
     device = torch.device(args.device)
@@ -178,7 +204,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
     if args.profile:
         profile_forwards({"ours": fwd["ours"], "peft": fwd["peft"]}, args.profile)
 
-    # 2. train step
+    # 2. what autograd keeps for backward (counted, not timed: exact on any machine)
+    kept = {
+        name: saved_for_backward(m, ids) for name, m in [("ours", ours_model), ("peft", peft_model)]
+    }
+    check(
+        f"bytes saved for backward: ours {kept['ours'] / MIB:.1f} MiB, PEFT {kept['peft'] / MIB:.1f} MiB"
+    )
+
+    # 3. train step
     t_train, after = timed_training(
         "LoRA train step (LM loss fwd + bwd + AdamW)",
         {"ours": ours_model, "peft": peft_model},
@@ -189,7 +223,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
         check,
     )
 
-    # 3. merged forward against the hook-free base
+    # 4. merged forward against the hook-free base
     delta.merge()
     peft_model.merge_adapter()
     merged = {"ours": fwd["ours"](), "peft": fwd["peft"]()}
@@ -211,6 +245,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
         timed_figure("LoRA forward, ours / PEFT", t_fwd, "ours", "peft", GOALS["forward"]),
         timed_figure("LoRA forward, ours / base (no LoRA)", t_fwd, "ours", "base", None),
         timed_figure("LoRA train step, ours / PEFT", t_train, "ours", "peft", GOALS["train"]),
+        Figure(
+            "bytes autograd saves for backward, ours / PEFT",
+            kept["ours"] / MIB,
+            kept["peft"] / MIB,
+            kept["ours"] / kept["peft"],
+            GOALS["saved"] if args.dropout else None,  # Performance II: with dropout
+            "MiB",
+            "one training forward; unique storages",
+        ),
         timed_figure(
             "merged forward, ours / base", t_merged, "ours merged", "base", GOALS["merged"]
         ),
@@ -219,7 +262,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
         ),
     ]
 
-    # 4. peak memory, fresh processes
+    # 5. peak memory, fresh processes
     if not args.no_memory:
         what = "CUDA allocated" if device.type == "cuda" else "RSS"
         mem = measure_memory(__file__, argv)
