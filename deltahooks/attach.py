@@ -18,7 +18,14 @@ from .errors import DeltaStateError, SpecError
 from .ledger import Ledger, join
 from .registry import open_registry, registries_under
 from .sites import Switch
-from .spec import DeltaSpec, DeviceLike, Part, SharedTensor
+from .spec import (
+    DeltaSpec,
+    DeviceLike,
+    Part,
+    SharedTensor,
+    check_quantized,
+    refuse_quantized_merge,
+)
 from .targets import resolve_targets
 
 DEFAULT_NAME = "default"
@@ -99,6 +106,7 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
         )
         for path, module in resolved:
             spec.check_module(path, module)
+            check_quantized(spec, path, module)
         spec.check_targets(resolved)
         common = {
             local: SharedTensor.of(value)
@@ -117,6 +125,7 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
         shared.append(common)
         for path, module in resolved:
             part = spec.make_part(path, module, model, device=device)
+            refuse_quantized_merge(part, module)
             if dtype is not None:
                 part.cast(dtype)
             part.spec_index = index

@@ -2,7 +2,11 @@
 
 A kind tells how wide a layer's input and output are, how to read its weight as an
 ``out × in`` matrix (and write one back in the layer's own layout), and where its
-output's channels are. Activation-space methods on arbitrary modules (a ``LlamaMLP``, a
+output's channels are. A *quantized* layer (a weight stored in integers: bitsandbytes'
+packed ``Linear4bit``/``Linear8bitLt``, torchao's int8 tensors) is recognised by its
+weight alone (:func:`is_quantized`), never by its class: its widths come from
+``in_features``/``out_features``, and new tensors take its compute dtype
+(:func:`compute_dtype`), never its storage dtype. Activation-space methods on arbitrary modules (a ``LlamaMLP``, a
 whole decoder layer) get their width from :func:`hidden_width`.
 """
 
@@ -45,6 +49,63 @@ def is_norm(module: nn.Module) -> bool:
     )
 
 
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """True for a tensor whose values are stored in integers: a packed weight (uint8 for
+    bitsandbytes' 4-bit, int8 for its 8-bit) or a tensor subclass holding one inside
+    (torchao's ``Int8Tensor`` reports a float dtype and keeps int8 ``qdata``).
+
+    Example:
+        >>> is_quantized(torch.zeros(4, 1, dtype=torch.uint8)), is_quantized(torch.zeros(2))
+        (True, False)
+    """
+    if not tensor.is_floating_point():
+        return True
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return False
+    names, _ = flatten()
+    inner = (getattr(tensor, name, None) for name in names)
+    return any(isinstance(t, torch.Tensor) and is_quantized(t) for t in inner)
+
+
+def quantized_weight(module: nn.Module) -> str | None:
+    """How the module's quantized weight is stored (for error messages), or None when its
+    weight is floating (or it has none).
+
+    Example:
+        >>> quantized_weight(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not is_quantized(weight):
+        return None
+    return f"a quantized weight ({type(weight).__name__}, stored as {weight.dtype})"
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype | None:
+    """The floating dtype a layer computes in, for the tensors a delta adds to it.
+
+    For a quantized layer: its declared ``compute_dtype`` (bitsandbytes' 4-bit layers set
+    it from ``bnb_4bit_compute_dtype``), else its first floating tensor (a bias; torchao's
+    weights report the dtype they dequantise to). For other layers, their first floating
+    tensor (the weight). None when none tells (the caller's default dtype applies, as
+    PEFT keeps adapters on a quantized layer in float32).
+
+    Example:
+        >>> compute_dtype(torch.nn.Linear(2, 2).half())
+        torch.float16
+    """
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and is_quantized(weight):
+        declared = getattr(module, "compute_dtype", None)
+        if isinstance(declared, torch.dtype) and declared.is_floating_point:
+            return declared
+    first = next(
+        (t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None
+    )
+    return None if first is None else first.dtype
+
+
 def kind_of(module: nn.Module) -> str | None:
     """The kind of a layer, or None for a module no kind describes."""
     if isinstance(module, nn.Linear):
@@ -70,6 +131,8 @@ def widths(module: nn.Module) -> tuple[int, int] | None:
         return None
     weight = module.weight
     if kind == LINEAR:
+        if is_quantized(weight):  # packed storage: its shape is not the layer's
+            return module.in_features, module.out_features
         return weight.shape[1], weight.shape[0]
     if kind in (CONV1D_GPT2, EMBEDDING):
         return weight.shape[0], weight.shape[1]

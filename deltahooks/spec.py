@@ -18,7 +18,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from .errors import SpecError, UnsupportedOperationError
+from .errors import SpecError, UnsupportedModuleError, UnsupportedOperationError
+from .layers import compute_dtype, quantized_weight
 from .ledger import Ledger, TensorEntry, join
 from .merging import Merged, swap_in, swap_out
 from .sites import RedirectSite, Site, Switch, TensorSource, install_site, sync_redirect
@@ -91,6 +92,15 @@ class DeltaSpec:
     def check_module(self, path: str, module: nn.Module) -> None:
         """Raise :class:`UnsupportedModuleError` when ``module`` cannot take this method."""
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """Whether the method reads or rewrites ``module``'s weight (a weight site, a copy of
+        it, a norm or decomposition of it). Attach refuses such a method on a quantized
+        layer (:func:`~deltahooks.layers.is_quantized`), whose weight is packed integers.
+        True unless a method says otherwise: one that only reads the layer's input and
+        output (LoRA, IA3, VeRA, adapters) returns False and so works on quantized bases.
+        """
+        return True
+
     def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
         """Raise a :class:`DeltaError` when the resolved targets together do not fit (e.g. a
         method that acts once on the whole model given two). Per-target checks go in
@@ -148,23 +158,56 @@ class DeltaSpec:
 
 
 def tensor_options(module: nn.Module, device: DeviceLike = None) -> dict[str, Any]:
-    """``device``/``dtype`` for a new delta tensor of ``module``: next to its first floating
-    tensor (or on ``device``, e.g. ``"meta"`` for a plan).
+    """``device``/``dtype`` for a new delta tensor of ``module``: on the device of its
+    tensors (or on ``device``, e.g. ``"meta"`` for a plan), in the dtype it computes in
+    (:func:`~deltahooks.layers.compute_dtype`: a quantized layer's compute dtype, never
+    its integer storage dtype; no ``dtype`` when nothing tells, so the default applies).
 
     Example:
         >>> import torch
         >>> tensor_options(torch.nn.Linear(2, 2).double(), "meta")
         {'device': 'meta', 'dtype': torch.float64}
     """
-    first = next(
-        (t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None
-    )
+    first = next(iter((*module.parameters(), *module.buffers())), None)
     options: dict[str, Any] = {}
     if first is not None:
-        options = {"device": first.device, "dtype": first.dtype}
+        options["device"] = first.device
+    dtype = compute_dtype(module)
+    if dtype is not None:
+        options["dtype"] = dtype
     if device is not None:
         options["device"] = device
     return options
+
+
+def check_quantized(spec: DeltaSpec, path: str, module: nn.Module) -> None:
+    """Refuse, before anything is built, a method that reads the weight of a quantized layer.
+
+    Example:
+        >>> import torch, deltahooks as dh
+        >>> check_quantized(dh.LoRA(targets=["0"]), "0", torch.nn.Linear(2, 2))  # float: fine
+    """
+    stored_as = quantized_weight(module)
+    if stored_as is not None and spec.reads_weight(path, module):
+        raise UnsupportedModuleError(
+            f"{type(spec).__name__} cannot adapt {path!r} ({type(module).__name__}): it reads "
+            f"or rewrites the layer's weight, and the layer has {stored_as}. Use a method "
+            "that only reads the layer's input and output (LoRA without dora/pissa/olora, "
+            "IA3, VeRA, AdaLoRA, adapters), or exclude the quantized layers"
+        )
+
+
+def refuse_quantized_merge(part: Part, module: nn.Module) -> None:
+    """A part on a quantized layer keeps its sites but cannot be folded into the weight:
+    ``merge()`` raises :class:`UnsupportedOperationError` saying why."""
+    stored_as = quantized_weight(module)
+    if stored_as is not None and part.merge_fn is not None:
+        part.merge_fn = None
+        part.cannot_merge = (
+            f"the layer has {stored_as}, and adding the update would mean dequantising and "
+            "requantising it, which rounds most of the update away (load the base in floating "
+            "point to merge)"
+        )
 
 
 class SharedTensor(NamedTuple):

@@ -150,6 +150,10 @@ class AdaLoRA(DeltaSpec):
         validate.probability("AdaLoRA", "dropout", self.dropout)
         validate.one_of("AdaLoRA", "init", self.init, INITS)
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         kind = kind_of(module)
         conv2d = isinstance(module, nn.Conv2d) and module.groups == 1

@@ -97,6 +97,10 @@ class Adapter(DeltaSpec):
         validate.optional_positive_int("Adapter", "hidden_size", self.hidden_size, example=768)
         validate.one_of("Adapter", "init", self.init, INITS)
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         check_hidden_size("Adapter", self.hidden_size, path, module)
 

@@ -96,6 +96,10 @@ class BitFit(DeltaSpec):
     method = "bitfit"
     targets: Target = layers_with_a_bias
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         if kind_of(module) not in KINDS:
             raise UnsupportedModuleError(

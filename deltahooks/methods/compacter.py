@@ -98,6 +98,10 @@ class Compacter(DeltaSpec):
         validate.one_of("Compacter", "activation", self.activation, sorted(ACTIVATIONS))
         validate.optional_positive_int("Compacter", "hidden_size", self.hidden_size, 768)
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         refuse_kinds("Compacter", path, module)
         check_hidden_size("Compacter", self.hidden_size, path, module)

@@ -103,6 +103,10 @@ class IA3(DeltaSpec):
             )
         validate.one_of("IA3", "init", self.init, INITS)
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         if kind_of(module) not in KINDS:
             raise UnsupportedModuleError(

@@ -40,7 +40,7 @@ from ..ledger import join
 from ..merging import stored
 from ..registry import registry_of
 from ..sites import OutputSite, RedirectSite
-from ..spec import DeltaSpec, DeviceLike, Part, register_method
+from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import ParameterPath, first_match
 from . import lora_parameters
 from ._lora_autograd import dropped_low_rank
@@ -194,6 +194,12 @@ class LoRA(DeltaSpec):
                 "supported; exclude it from targets"
             )
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """Plain LoRA reads only the layer's input and output, so it adapts quantized layers
+        (QLoRA); DoRA (the weight's norm), PiSSA/OLoRA (its decomposition) and parameter
+        targets (a weight site) read the weight."""
+        return isinstance(path, ParameterPath) or self.dora or self.init in RESIDUAL_INITS
+
     def rank_and_scale(self, path: str, module: nn.Module, root: nn.Module) -> tuple[int, float]:
         """The rank and the scale ``s`` (``alpha / r`` or ``alpha / √r``) of the update on
         ``path``, after ``rank_pattern`` and ``alpha_pattern``.
@@ -217,8 +223,8 @@ class LoRA(DeltaSpec):
         rank, scale = self.rank_and_scale(path, module, root)
         kind = kind_of(module)
         weight = module.weight
-        like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
-        fan_in, fan_out = widths(module)
+        like = tensor_options(module, device)  # a quantized layer's compute dtype
+        fan_in, fan_out = widths(module)  # its real widths, not its packed storage's
         if kind == CONV:  # A is a convolution kernel, B a 1×…×1 one
             a = torch.empty(rank, *weight.shape[1:], **like)
             b = torch.empty(fan_out, rank, *([1] * (weight.dim() - 2)), **like)

@@ -83,6 +83,10 @@ class LowRankAdapter(DeltaSpec):
         validate.one_of("LowRankAdapter", "activation", self.activation, sorted(ACTIVATIONS))
         validate.optional_positive_int("LowRankAdapter", "hidden_size", self.hidden_size, 768)
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         refuse_kinds("LowRankAdapter", path, module)
         check_hidden_size("LowRankAdapter", self.hidden_size, path, module)

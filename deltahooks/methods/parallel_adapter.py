@@ -90,6 +90,10 @@ class ParallelAdapter(DeltaSpec):
         validate.optional_positive_int("ParallelAdapter", "hidden_size", self.hidden_size, 768)
         validate.one_of("ParallelAdapter", "init", self.init, INITS)
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         refuse_kinds("ParallelAdapter", path, module, (CONV, EMBEDDING))
         check_hidden_size("ParallelAdapter", self.hidden_size, path, module)

@@ -157,6 +157,10 @@ class ReFT(DeltaSpec):
         validate.probability("ReFT", "dropout", self.dropout)
         validate.one_of("ReFT", "init", self.init, INITS)
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         known = output_width(module)
         if self.hidden_size is not None and known is not None and self.hidden_size != known:

@@ -104,6 +104,10 @@ class VeRA(DeltaSpec):
         validate.finite("VeRA", "d_initial", self.d_initial)
         validate.one_of("VeRA", "init", self.init, INITS)
 
+    def reads_weight(self, path: str, module: nn.Module) -> bool:
+        """False: it reads only the layer's input and output, so quantized layers take it."""
+        return False
+
     def check_module(self, path: str, module: nn.Module) -> None:
         if kind_of(module) not in KINDS:
             raise UnsupportedModuleError(
