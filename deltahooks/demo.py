@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -156,20 +157,41 @@ def batches(size: int, epochs: float, seed: int) -> list[torch.Tensor]:
     return out[:steps]
 
 
-def train(model: nn.Module, data: Split, epochs: float, lr: float, seed: int) -> float:
-    """AdamW on whatever requires grad, with a progress bar; returns the seconds it took."""
+def train(
+    model: nn.Module,
+    data: Split,
+    epochs: float,
+    lr: float,
+    seed: int,
+    *,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[int], object] | None = None,
+) -> float:
+    """AdamW on whatever requires grad, with a progress bar; returns the seconds it took.
+
+    ``extra_loss()`` (a regulariser) is added to each step's loss, and ``after_step(step)``
+    (steps count from 1) runs after the optimizer step while the gradients are still there;
+    both are inside the timed loop. AdaLoRA's allocator uses the two:
+
+    >>> allocator = dh.adalora_allocator(delta)  # doctest: +SKIP
+    >>> train(model, data, 2, 1e-3, 0, extra_loss=allocator.orthogonality_loss,
+    ...       after_step=allocator.update_and_allocate)  # doctest: +SKIP
+    """
     from tqdm import tqdm
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     start = time.perf_counter()
     with tqdm(batches(len(data), epochs, seed), desc="training", unit="step") as bar:
-        for index in bar:
+        for step, index in enumerate(bar, start=1):
             input_ids, mask, labels = data.batch(index)
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            total = loss if extra_loss is None else loss + extra_loss()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step(step)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     elapsed = time.perf_counter() - start
     model.eval()
