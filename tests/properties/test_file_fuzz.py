@@ -47,6 +47,7 @@ def every_method() -> list[dh.DeltaSpec]:
         dh.PrefixTuning(num_tokens=2, reparameterize=False),
         dh.VeRA(targets=["mlp.c_fc"], r=2),
         dh.AdaLoRA(targets=["mlp.c_proj"], init_r=2, target_r=1, total_step=9),
+        dh.LoRA(targets=dh.Paths(["transformer.h.0.mlp.c_proj.weight"]), r=1, init="random"),
     ]
 
 

@@ -57,6 +57,9 @@ OTHER_METHODS = {  # small hyperparameters: tree leaves can be 1 wide
     "prefix": lambda paths: dh.PrefixTuning(num_tokens=2, reparameterize=False),
     "adalora": lambda paths: dh.AdaLoRA(targets=paths, init_r=2, target_r=1, total_step=9),
     "vera": lambda paths: dh.VeRA(targets=paths, r=2, save_projection=False),
+    "lora_parameters": lambda paths: dh.LoRA(
+        targets=dh.Paths([f"{path}.weight" for path in paths]), r=1, init="random"
+    ),
 }
 
 
@@ -210,7 +213,8 @@ class Lifecycle(RuleBasedStateMachine):
                 state = delta.state_dict()
                 for index, spec in enumerate(self.specs[name]):
                     views = [v for v in delta.parts if v.spec_index == index]
-                    if spec.method not in HAND_WRITTEN or reads_weight(spec):
+                    on_parameters = any(v.target != v.path for v in views)  # LoRA on W itself
+                    if spec.method not in HAND_WRITTEN or reads_weight(spec) or on_parameters:
                         later.append(("attach", f"{name}_{index}", spec, state))
                         continue
                     for view in views:
