@@ -377,9 +377,11 @@ def bypass(kind: str, scale: float, dropout: float, module: nn.Module, x, y, ten
         return y + F.linear(F.embedding(x, a.t(), module.padding_idx), b) * scale
     recording = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
     if dropout and module.training:
-        if recording and kind != CONV and not torch.compiler.is_compiling():
-            # keeps x and a mask for backward, not a dropped copy per layer
-            return y + dropped_low_rank(x, a, b, scale, dropout).to(y.dtype)
+        if kind != CONV and not torch.compiler.is_compiling():
+            # keeps x and a mask for backward, not a dropped copy per layer; also taken
+            # without autograd, so that reentrant checkpointing's no-grad first pass draws
+            # the masks its replay draws
+            return dropped_low_rank(x, y, a, b, scale, dropout)
         x = F.dropout(x, dropout, True)
     if kind == CONV:
         conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from deltahooks.methods._lora_autograd import dropped_low_rank
+from deltahooks.methods._lora_autograd import (
+    RESOLUTION,
+    draw_keep,
+    drop_threshold,
+    dropped_low_rank,
+)
 
 
-def reference(x, a, b, scale, p):
-    return F.linear(F.linear(F.dropout(x, p, True), a), b) * scale
+def reference(x, y, a, b, scale, p):
+    """Plain autograd with the mask the path draws for the same seed."""
+    keep = draw_keep(x.shape, p, x.device)
+    factor = 1 / (1 - drop_threshold(p) / RESOLUTION)
+    return y + F.linear(F.linear(x * keep * factor, a), b) * scale
 
 
 def test_same_values_and_gradients_as_plain_autograd_for_the_same_mask():
@@ -17,17 +26,44 @@ def test_same_values_and_gradients_as_plain_autograd_for_the_same_mask():
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     a = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     outputs, grads = [], []
     for fn in (dropped_low_rank, reference):
         torch.manual_seed(7)  # the same dropout mask on both sides
-        out = fn(x, a, b, 0.5, 0.3)
+        out = fn(x, y, a, b, 0.5, 0.3)
         upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
-        grads.append(torch.autograd.grad(out, (x, a, b), upstream))
+        grads.append(torch.autograd.grad(out, (x, y, a, b), upstream))
         outputs.append(out)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
     for ours, theirs in zip(*grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     assert outputs[0].abs().sum() > 0 and (grads[0][0] == 0).any()  # the mask dropped some
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_the_mask_drops_each_element_with_probability_p(p):
+    """Dropout's law: P(drop) = p (to 2⁻¹⁶), and the kept values scaled so E[update] holds."""
+    torch.manual_seed(0)
+    n = 1 << 20
+    keep = draw_keep(torch.Size([n]), p, torch.device("cpu"))
+    dropped = n - int(keep.sum())
+    assert abs(drop_threshold(p) / RESOLUTION - p) <= 0.5 / RESOLUTION
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(dropped - n * p) < 6 * sigma, (dropped, n * p)
+    # elements are independent of their neighbours (the four draws of one 64-bit word)
+    pairs = keep.view(-1, 4)
+    both = int((~pairs[:, 0] & ~pairs[:, 1]).sum())
+    expected = (n // 4) * p * p
+    assert abs(both - expected) < 6 * (expected * (1 - p * p)) ** 0.5 + 1
+
+
+def test_the_mask_follows_the_seed():
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        masks.append(draw_keep(torch.Size([7, 9]), 0.3, torch.device("cpu")))
+    assert torch.equal(*masks)
+    assert not torch.equal(masks[0], draw_keep(torch.Size([7, 9]), 0.3, torch.device("cpu")))
 
 
 def test_backward_keeps_the_input_and_a_mask_not_a_dropped_copy():
@@ -42,7 +78,7 @@ def test_backward_keeps_the_input_and_a_mask_not_a_dropped_copy():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        dropped_low_rank(x, a, b, 1.0, 0.1)
+        dropped_low_rank(x, torch.zeros(64, 32, requires_grad=True), a, b, 1.0, 0.1)
     big = [t for t in saved if t.numel() == x.numel()]
     assert any(t.data_ptr() == x.data_ptr() for t in big)  # x itself, not a copy
     assert [t for t in big if t.data_ptr() != x.data_ptr()] == []  # no dropped copy
@@ -58,11 +94,22 @@ def test_bit_packing_round_trips_any_length():
         assert torch.equal(unpack_bits(pack_bits(mask), mask.shape), mask)
 
 
-def test_a_training_step_with_dropout_equals_peft_for_the_same_seed():
-    """The same masks are drawn in the same order as PEFT's, so loss and gradients agree."""
-    import copy
+class DrawnDropout(torch.nn.Module):
+    """Dropout with the masks our path draws: swapped into PEFT's layers below."""
 
-    import pytest
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        keep = draw_keep(x.shape, self.p, x.device)
+        return x * keep / (1 - drop_threshold(self.p) / RESOLUTION)
+
+
+def test_a_training_step_with_dropout_equals_peft_given_the_same_masks():
+    """Masks are drawn in the order PEFT's are; with PEFT's dropout modules drawing ours
+    (``DrawnDropout``), loss and gradients agree, so only the masks' generator differs."""
+    import copy
 
     peft = pytest.importorskip("peft")
     pytest.importorskip("transformers")
@@ -85,6 +132,9 @@ def test_a_training_step_with_dropout_equals_peft_for_the_same_seed():
                 key = name.removeprefix("base_model.model.").removesuffix(".default.weight")
                 param.copy_(state[key])
                 names[key] = param
+    for module in wrapped.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            module.lora_dropout["default"] = DrawnDropout(0.3)
     ours.train()
     wrapped.train()
     losses = []
@@ -96,3 +146,17 @@ def test_a_training_step_with_dropout_equals_peft_for_the_same_seed():
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
     for key, param in delta.named_parameters():
         torch.testing.assert_close(param.grad, names[key].grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_replays_the_same_masks(use_reentrant):
+    """Checkpointing restores the RNG state before a replay, so the replayed layers draw
+    the masks of the first pass and the gradients are those of a plain backward."""
+    pytest.importorskip("transformers")
+    from method_bar import check_gradient_checkpointing
+    from tiny_models import llama
+
+    import deltahooks as dh
+
+    spec = dh.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4, dropout=0.3, init="random")
+    check_gradient_checkpointing(llama, spec, use_reentrant)
