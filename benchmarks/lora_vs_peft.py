@@ -239,14 +239,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
     )
 
     # 3b. the bound: no LoRA at all, but gradients through every layer (what any LoRA on
-    #     every layer must at least pay), against PEFT's step
+    #     every layer must at least pay), against PEFT's step (on a copy: the checks below
+    #     compare the trained models)
     t_floor = timed_phase(
         "train step floor: frozen base fwd + bwd to the embeddings, no LoRA, vs PEFT's step",
-        {"floor": floor_step(base, ids), "peft": train_fn(peft_model.train(), ids, [])},
+        {
+            "floor": floor_step(base, ids),
+            "peft": train_fn(copy.deepcopy(peft_model).train(), ids, []),
+        },
         args,
         device,
     )
-    peft_model.eval()
 
     # 4. merged forward against the hook-free base
     delta.merge()
