@@ -239,8 +239,8 @@ def _no_match_error(entry, model: nn.Module, what: str, parameters: bool = False
         parameter_hint = f"Closest parameter paths: {_closest(entry, model, paths=candidates)}. "
     return TargetError(
         f"{what} {describe(entry)!r} matches no {nothing} of {type(model).__name__}."
-        f"{_did_you_mean(entry)} {parameter_hint}"
-        f"Closest module paths: {near}. Module names in this model: {leaves[:30]}"
+        f"{_did_you_mean(entry)} Closest module paths: {near}. {parameter_hint}"
+        f"Module names in this model: {leaves[:30]}"
         f"{' ...' if len(leaves) > 30 else ''}. Fix the pattern (a name suffix matches on a "
         "'.' boundary; use 're:' for a regex)."
     )

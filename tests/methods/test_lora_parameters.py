@@ -276,6 +276,8 @@ def test_a_missing_parameter_lists_the_nearest_parameter_paths():
     message = str(caught.value)
     assert "Closest parameter paths" in message
     assert "model.layers.0.mlp.experts.gate_up_proj" in message
+    # module paths first (what a target usually is), then parameter paths
+    assert message.index("Closest module paths") < message.index("Closest parameter paths")
 
 
 def test_a_name_that_matches_a_module_still_targets_the_module():
