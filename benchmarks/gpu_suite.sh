@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run of every accelerator benchmark, in under 6 minutes on one H100/H200:
 # LoRA vs PEFT at a 1B shape (bf16, d=2048 x 16 layers, 4 x 1024 tokens) and at a
-# launch-bound shape (d=512 x 8, 4 x 128), and the torch.compile'd train step.
+# launch-bound shape (d=512 x 8, 4 x 128), the same with LoRA dropout 0.05 (our own mask
+# draws and autograd path on CUDA), and the torch.compile'd train step.
 # Tables land in benchmarks/results/gpu/ with date, device and versions (each script
 # writes them). Run from the repository root:
 #
@@ -37,5 +38,6 @@ step() {  # step NAME SECONDS COMMAND...
 }
 step lora_1b 150 python benchmarks/lora_vs_peft.py "${device[@]}" "${big[@]}"
 step lora_launch_bound 60 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}"
-step compiled 120 python benchmarks/compiled_vs_peft.py "${device[@]}" "${compiled[@]}"
+step lora_dropout 45 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}" --dropout 0.05
+step compiled 105 python benchmarks/compiled_vs_peft.py "${device[@]}" "${compiled[@]}"
 ls -l "$out"
