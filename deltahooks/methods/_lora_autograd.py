@@ -1,12 +1,13 @@
-"""LoRA's update with dropout, ``y + s · B(A(dropout(x)))``, saving a mask instead of a copy.
+"""LoRA's update in training, ``y + s · B(A(dropout(x)))``: a mask instead of a copy, and
+GEMM layouts chosen for speed.
 
 Plain autograd keeps ``dropout(x)`` (tokens × fan-in, the activations' dtype) for the
 gradient of ``A``, one copy per adapted layer, on top of the dropout mask: for q/k/v that
 is three copies of one input. This function keeps the input itself (one tensor, shared
 by every layer that reads it and usually kept by the model anyway), the dropout mask
 (one bit per element) and the rank-r activation ``h``, and rebuilds ``dropout(x)`` in
-backward. Used in training with dropout > 0 only: without dropout plain autograd already
-keeps just ``x`` and ``h``.
+backward. Without dropout it keeps what plain autograd would (``x`` and ``h``) but computes
+the backward with faster GEMM layouts (see :class:`LowRankUpdate`).
 
 The mask is drawn here, not by ``torch.native_dropout``: 16 random bits per element, taken
 four at a time from 64-bit draws of the device's default generator, compared with
@@ -73,17 +74,39 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return bits.view(torch.bool).reshape(-1)[: shape.numel()].view(shape)
 
 
-class DroppedLowRank(torch.autograd.Function):
+def outer(grad_h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``grad_h A`` (tokens × r times r × fan-in): the rank-r product of the input gradient.
+
+    On CPU a plain ``mm`` of this shape (inner dimension r) takes a slow path for fan-in
+    ≥ 1024 (815 µs against 118 µs at 512 × 8 × 1376, 2 threads), while accumulating into a
+    zeroed output with ``addmm_`` does not; elsewhere the plain product.
+    """
+    if grad_h.device.type != "cpu":
+        return grad_h @ a
+    return grad_h.new_zeros(grad_h.shape[0], a.shape[1]).addmm_(grad_h, a)
+
+
+class LowRankUpdate(torch.autograd.Function):
     """``y + s · (dropout(x) Aᵀ) Bᵀ`` for 2-D ``x`` (tokens × fan-in) and ``y`` (tokens ×
-    fan-out); see the module docstring."""
+    fan-out), ``p = 0``: no dropout; see the module docstring.
+
+    Its backward picks the GEMM layouts that are fast on CPU, where plain autograd's are
+    not: ``grad_h = grad · B`` as a product with ``Bᵀ`` transposed (2-2.5× faster),
+    ``grad_B`` as ``(hᵀ grad)ᵀ`` (2.5×) and ``grad_x`` through :func:`outer`.
+    """
 
     @staticmethod
     def forward(ctx, x, y, a, b, scale: float, p: float):
-        keep = draw_keep(x.shape, p, x.device)
-        factor = RESOLUTION / (RESOLUTION - drop_threshold(p))  # 1 / (1 - rounded p)
-        h = (x * keep.view(torch.uint8)) @ a.t()  # the uint8 view multiplies fastest
-        h.mul_(factor)  # h = dropout(x) Aᵀ, scaled on the rank-r side
-        ctx.save_for_backward(x, pack_bits(keep), a, b, h)
+        packed, factor = None, 1.0
+        if p:
+            keep = draw_keep(x.shape, p, x.device)
+            factor = RESOLUTION / (RESOLUTION - drop_threshold(p))  # 1 / (1 - rounded p)
+            h = (x * keep.view(torch.uint8)) @ a.t()  # the uint8 view multiplies fastest
+            h.mul_(factor)  # h = dropout(x) Aᵀ, scaled on the rank-r side
+            packed = pack_bits(keep)
+        else:
+            h = x @ a.t()
+        ctx.save_for_backward(x, packed, a, b, h)
         ctx.scale, ctx.factor = scale, factor
         return torch.addmm(y, h, b.t(), alpha=scale)
 
@@ -92,20 +115,22 @@ class DroppedLowRank(torch.autograd.Function):
         x, packed, a, b, h = ctx.saved_tensors
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[3]:
-            grad_b = (grad.t() @ h).mul_(ctx.scale)
+            grad_b = (h.t() @ grad).t().mul_(ctx.scale)
         # the rank-r gradient of dropout(x) Aᵀ with s and 1/(1-p) folded in
-        grad_h = (grad @ b).mul_(ctx.scale * ctx.factor)
+        grad_h = (grad @ b.t().contiguous().t()).mul_(ctx.scale * ctx.factor)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            keep = unpack_bits(packed, x.shape).view(torch.uint8)
+            keep = None if packed is None else unpack_bits(packed, x.shape).view(torch.uint8)
             if ctx.needs_input_grad[2]:
-                grad_a = grad_h.t() @ (x * keep)
+                grad_a = grad_h.t() @ (x if keep is None else x * keep)
             if ctx.needs_input_grad[0]:
-                grad_x = (grad_h @ a).mul_(keep)
+                grad_x = outer(grad_h, a)
+                if keep is not None:
+                    grad_x.mul_(keep)
         return grad_x, grad, grad_a, grad_b, None, None
 
 
-def dropped_low_rank(x: torch.Tensor, y: torch.Tensor, a, b, scale: float, p: float):
+def low_rank_update(x: torch.Tensor, y: torch.Tensor, a, b, scale: float, p: float = 0.0):
     """``y`` plus the update for ``x`` of any leading shape (flattened to tokens × width)."""
     flat = x.reshape(-1, x.shape[-1]).to(a.dtype)  # one dtype inside (autocast ends at backward)
     out = y.reshape(-1, y.shape[-1]).to(a.dtype)
-    return DroppedLowRank.apply(flat, out, a, b, scale, p).view(y.shape).to(y.dtype)
+    return LowRankUpdate.apply(flat, out, a, b, scale, p).view(y.shape).to(y.dtype)

@@ -43,7 +43,7 @@ from ..sites import OutputSite, RedirectSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import ParameterPath, first_match
 from . import lora_parameters
-from ._lora_autograd import dropped_low_rank
+from ._lora_autograd import low_rank_update
 
 INITS = ("default", "gaussian", "random", "pissa", "olora")
 RESIDUAL_INITS = ("pissa", "olora")  # the layer computes with W - sBA₀ while attached
@@ -376,12 +376,13 @@ def bypass(kind: str, scale: float, dropout: float, module: nn.Module, x, y, ten
     if kind == EMBEDDING:
         return y + F.linear(F.embedding(x, a.t(), module.padding_idx), b) * scale
     recording = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
-    if dropout and module.training:
-        if kind != CONV and not torch.compiler.is_compiling():
-            # keeps x and a mask for backward, not a dropped copy per layer; also taken
-            # without autograd, so that reentrant checkpointing's no-grad first pass draws
-            # the masks its replay draws
-            return dropped_low_rank(x, y, a, b, scale, dropout)
+    dropping = bool(dropout) and module.training
+    if (recording or dropping) and kind != CONV and not torch.compiler.is_compiling():
+        # its own autograd path: a mask, not a dropped copy per layer, and faster GEMM
+        # layouts in backward; with dropout also taken without autograd, so that reentrant
+        # checkpointing's no-grad first pass draws the masks its replay draws
+        return low_rank_update(x, y, a, b, scale, dropout if dropping else 0.0)
+    if dropping:
         x = F.dropout(x, dropout, True)
     if kind == CONV:
         conv = (F.conv1d, F.conv2d, F.conv3d)[a.dim() - 3]

@@ -1,4 +1,4 @@
-"""LoRA's own autograd path with dropout: PEFT's numbers, a mask instead of a copy."""
+"""LoRA's own autograd path in training: plain autograd's numbers, a mask instead of a copy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from deltahooks.methods._lora_autograd import (
     RESOLUTION,
     draw_keep,
     drop_threshold,
-    dropped_low_rank,
+    low_rank_update,
+    outer,
 )
 
 
@@ -21,23 +22,33 @@ def reference(x, y, a, b, scale, p):
     return y + F.linear(F.linear(x * keep * factor, a), b) * scale
 
 
-def test_same_values_and_gradients_as_plain_autograd_for_the_same_mask():
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("fan_in", [16, 1100])  # 1100: wide enough for outer()'s CPU path
+def test_same_values_and_gradients_as_plain_autograd_for_the_same_mask(p, fan_in):
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, fan_in, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, fan_in, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     outputs, grads = [], []
-    for fn in (dropped_low_rank, reference):
+    for fn in (low_rank_update, reference):
         torch.manual_seed(7)  # the same dropout mask on both sides
-        out = fn(x, y, a, b, 0.5, 0.3)
+        out = fn(x, y, a, b, 0.5, p)
         upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
         grads.append(torch.autograd.grad(out, (x, y, a, b), upstream))
         outputs.append(out)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
     for ours, theirs in zip(*grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    assert outputs[0].abs().sum() > 0 and (grads[0][0] == 0).any()  # the mask dropped some
+    assert outputs[0].abs().sum() > 0
+    assert (grads[0][0] == 0).any() == (p > 0)  # the mask dropped some, or none
+
+
+def test_outer_is_the_matrix_product():
+    torch.manual_seed(0)
+    for width in (7, 512, 1376):
+        grad_h, a = torch.randn(33, 8), torch.randn(8, width)
+        torch.testing.assert_close(outer(grad_h, a), grad_h @ a, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
@@ -78,7 +89,7 @@ def test_backward_keeps_the_input_and_a_mask_not_a_dropped_copy():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        dropped_low_rank(x, torch.zeros(64, 32, requires_grad=True), a, b, 1.0, 0.1)
+        low_rank_update(x, torch.zeros(64, 32, requires_grad=True), a, b, 1.0, 0.1)
     big = [t for t in saved if t.numel() == x.numel()]
     assert any(t.data_ptr() == x.data_ptr() for t in big)  # x itself, not a copy
     assert [t for t in big if t.data_ptr() != x.data_ptr()] == []  # no dropped copy
