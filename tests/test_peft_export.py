@@ -367,15 +367,22 @@ def test_vera_projections_are_peft_s_model_level_keys(tmp_path):
     assert not any("vera_A" in key or "vera_B" in key for key in tensors)
 
 
-def test_pruned_adalora_is_written_as_peft_writes_it(tmp_path):
+@pytest.mark.parametrize("alpha", [8, 0])
+def test_pruned_adalora_is_written_as_peft_writes_it(alpha, tmp_path):
     """PEFT's allocator pruned triplets (rank_pattern set, their lora_E zeroed); PEFT saves
     only the kept ones. Ours, from that file, writes the same config pattern and tensors,
-    and PEFT loads either with the same outputs (a layer with no triplet left too)."""
+    and PEFT loads ours with the trained model's outputs (a layer with no triplet left too).
+    With lora_alpha=0, PEFT's reload of its own file scales a pruned layer by its kept rank,
+    not init_r as its trained model did; ours writes lora_alpha=init_r, the trained scale."""
     torch.manual_seed(0)
     base, inputs = MODELS["llama"]()
     base.eval()
     config = peft.AdaLoraConfig(
-        target_modules=["q_proj", "down_proj"], init_r=4, target_r=2, total_step=10
+        target_modules=["q_proj", "down_proj"],
+        init_r=4,
+        target_r=2,
+        total_step=10,
+        lora_alpha=alpha,
     )
     made = peft.get_peft_model(copy.deepcopy(base), config).eval()
     pattern = {}
@@ -396,10 +403,13 @@ def test_pruned_adalora_is_written_as_peft_writes_it(tmp_path):
     peft_config, peft_tensors = saved(tmp_path / "made")
     assert peft_tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A"].shape[0] == 2
 
-    delta = dh.load_peft(copy.deepcopy(base), tmp_path / "made")
+    ours = copy.deepcopy(base)
+    delta = dh.load_peft(ours, tmp_path / "made")
+    torch.testing.assert_close(logits(ours, inputs), want, rtol=0, atol=1e-5)
     delta.save_peft(tmp_path / "ours")
     ours_config, ours_tensors = saved(tmp_path / "ours")
     assert ours_config["rank_pattern"] == peft_config["rank_pattern"] == pattern
+    assert ours_config["lora_alpha"] == (alpha or 4)
     assert sorted(ours_tensors) == sorted(peft_tensors)
     for key, tensor in peft_tensors.items():
         assert torch.equal(ours_tensors[key], tensor), key
