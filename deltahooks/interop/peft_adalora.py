@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import DeltaFileError, UnsupportedOperationError
+from ..layers import CONV1D_GPT2, kind_of
 from ..targets import Paths
 from .peft import check_paths, peft_importer
+from .peft_export import one_setting, peft_exporter
 
 NAMES = ("lora_A", "lora_B", "lora_E")
 
@@ -91,3 +93,60 @@ def _expand(path: str, found: dict, kept: list, init_r: int) -> dict[str, torch.
     full_e = e.new_zeros(init_r, 1)
     full_a[index], full_b[:, index], full_e[index] = a, b, e
     return {"lora_A": full_a, "lora_B": full_b, "lora_E": full_e}
+
+
+SETTINGS = {  # PEFT's name: ours
+    "init_r": "init_r",
+    "target_r": "target_r",
+    "tinit": "tinit",
+    "tfinal": "tfinal",
+    "deltaT": "deltaT",
+    "beta1": "beta1",
+    "beta2": "beta2",
+    "orth_reg_weight": "orth_reg_weight",
+    "total_step": "total_step",
+    "lora_dropout": "dropout",
+}
+
+
+@peft_exporter("adalora")
+def adalora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
+    """AdaLoRA: ``lora_A``/``lora_E``/``lora_B`` as ours. Once triplets are pruned (a zero
+    in ``lora_E``), as PEFT saves after its allocator ran: only the kept triplets, and
+    ``rank_pattern`` ``{"<path>.lora_E": [kept, ...]}`` for every layer. A delta whose
+    ``lora_E`` is zero everywhere (untrained, PEFT's start) is saved whole."""
+    fields = {peft: one_setting("AdaLoRA", specs, ours) for peft, ours in SETTINGS.items()}
+    alpha = one_setting("AdaLoRA", specs, "alpha")
+    init_r = fields["init_r"]
+    triplets, conv1d = {}, False
+    for part in parts:
+        conv1d |= kind_of(model.get_submodule(part.path)) == CONV1D_GPT2
+        triplets[part.path] = {n: part.tensors[f"{part.path}.{n}"].detach() for n in NAMES}
+    kept = {path: (found["lora_E"] != 0).view(-1) for path, found in triplets.items()}
+    pruned = any(bool(k.any()) for k in kept.values()) and not all(
+        bool(k.all()) for k in kept.values()
+    )
+    tensors, rank_pattern = {}, {}
+    for path, found in triplets.items():
+        if pruned:
+            index = kept[path].nonzero().view(-1)
+            rank_pattern[f"{path}.lora_E"] = kept[path].tolist()
+            found = {
+                "lora_A": found["lora_A"][index],
+                "lora_E": found["lora_E"][index],
+                "lora_B": found["lora_B"][:, index],
+            }
+        tensors.update({f"{path}.{name}": t for name, t in found.items()})
+    fields.update(
+        {
+            "peft_type": "ADALORA",
+            "target_modules": sorted(triplets),
+            # ours: alpha 0 means init_r; PEFT's would become the pruned rank per layer
+            "lora_alpha": float(alpha) if alpha > 0 else float(init_r),
+            "rank_pattern": rank_pattern or None,
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "init_lora_weights": True,
+        }
+    )
+    return fields, tensors

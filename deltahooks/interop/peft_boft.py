@@ -11,9 +11,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import DeltaFileError, UnsupportedOperationError
-from ..layers import widths
+from ..layers import CONV, LINEAR, kind_of, widths
 from ..targets import Paths
 from .peft import check_paths, peft_importer
+from .peft_export import peft_exporter
+from .peft_oft import peft_conv2d_problem
 
 LOCALS = ("boft_R", "boft_s")
 
@@ -68,3 +70,56 @@ def boft_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
         for (size, factor), paths in groups.items()
     ]
     return specs, state
+
+
+@peft_exporter("boft")
+def boft_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
+    """BOFT: ``<path>.boft_R`` as ours, ``<path>.boft_s`` as ``(out, 1)`` (Conv2d:
+    ``(1, out)``); PEFT holds one ``boft_block_size`` and one ``boft_n_butterfly_factor``
+    and adjusts neither, so every layer must share ours.
+
+    PEFT builds more than one butterfly factor only where its CUDA extension builds (it
+    falls back to one elsewhere, and then cannot load such an adapter).
+    """
+    settings: dict[tuple[int, int], list[str]] = {}
+    tensors = {}
+    for part in parts:
+        module = model.get_submodule(part.path)
+        kind = kind_of(module)
+        problem = peft_conv2d_problem(module) if kind == CONV else None
+        if kind not in (LINEAR, CONV):
+            problem = f"a {type(module).__name__} (PEFT's BOFT takes Linear and Conv2d)"
+        if problem:
+            raise UnsupportedOperationError(
+                f"BOFT on {part.path!r}, {problem}, has no PEFT form; keep this delta as a "
+                "deltahooks file with delta.save(...), or leave that layer out of targets"
+            )
+        blocks = part.tensors[f"{part.path}.boft_R"].detach()
+        scale = part.tensors[f"{part.path}.boft_s"].detach()
+        settings.setdefault((int(blocks.shape[2]), int(blocks.shape[0])), []).append(part.path)
+        tensors[f"{part.path}.boft_R"] = blocks
+        tensors[f"{part.path}.boft_s"] = scale.reshape(1, -1) if kind == CONV else scale
+    if len(settings) > 1:
+        listed = "; ".join(
+            f"block_size={size}, butterfly_factor={factor}: {paths[:3]}"
+            for (size, factor), paths in sorted(settings.items())
+        )
+        raise UnsupportedOperationError(
+            "PEFT's BOFT holds one boft_block_size and one boft_n_butterfly_factor for all "
+            f"layers, but this delta's layers differ ({listed}); save each group as its own "
+            "delta (one block_size per spec), or keep it as a deltahooks file with "
+            "delta.save(...)"
+        )
+    ((size, factor),) = settings
+    fields = {
+        "peft_type": "BOFT",
+        "target_modules": sorted(p for paths in settings.values() for p in paths),
+        "boft_block_size": size,
+        "boft_block_num": 0,
+        "boft_n_butterfly_factor": factor,
+        "boft_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_weights": True,
+    }
+    return fields, tensors

@@ -100,11 +100,12 @@ def save_peft(delta, directory: str | os.PathLike, *, task_type: str | None = No
     prefix = PREFIX
     if config["peft_type"] in PROMPT_LEARNING:  # PEFT's keys there: no wrapper in between
         prefix = PROMPT_PREFIX
-    tensors, sharded = gathered(tensors)  # FSDP2 shards: a collective, on every rank
+    named = {(key if key == "prompt_embeddings" else prefix + key): t for key, t in tensors.items()}
+    # shared tensors (stored once, on the root; VeRA's projections) are PEFT's model-level
+    # state: base_model.<name>, beside the wrapped model rather than in it
+    named.update({PROMPT_PREFIX + key: t.detach() for key, t in delta.shared.items()})
+    named, sharded = gathered(named)  # FSDP2 shards: a collective, on every rank
     if writes(sharded):
-        named = {
-            (key if key == "prompt_embeddings" else prefix + key): t for key, t in tensors.items()
-        }
         write(os.fspath(directory), config, named)
 
 

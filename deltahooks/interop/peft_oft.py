@@ -10,12 +10,15 @@ block size.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from torch import nn
 
 from ..errors import DeltaFileError, UnsupportedOperationError
+from ..methods._orthogonal import PEFT_OFT_BLOCK_SIZE
 from ..targets import Paths
 from .peft import check_paths, peft_importer
+from .peft_export import one_setting, peft_exporter
 
 SUFFIXES = (".oft_R.weight", ".oft_embedding_R.weight")
 
@@ -78,3 +81,120 @@ def oft_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, 
         for size, paths in groups.items()
     ]
     return specs, {f"{path}.oft_R": tensor for path, tensor in found.items()}
+
+
+# ------------------------------------------------------------------------------ export
+NEUMANN_SINCE = "0.18.0"  # PEFT's Cayley-Neumann formula (ours) since this version
+
+
+def peft_block_size(width: int, block_size: int) -> int:
+    """The block size PEFT's OFT uses on a layer ``width`` wide when asked for
+    ``block_size`` (``OFTLayer.update_layer``): the request where it divides the width,
+    else the divisor nearest to it (ties to the smaller), the whole width from above.
+
+    Example:
+        >>> peft_block_size(64, 32), peft_block_size(48, 32), peft_block_size(20, 32)
+        (32, 24, 20)
+    """
+    if width % block_size == 0 and block_size <= width:
+        return block_size
+    if block_size >= width:
+        return width
+    lower = block_size
+    while lower > 1 and width % lower:
+        lower -= 1
+    higher = block_size
+    while higher <= width and width % higher:
+        higher += 1
+    return lower if block_size - lower <= higher - block_size else higher
+
+
+def one_block_size(sizes: dict[str, tuple[int, int]], prefer=()) -> int | None:
+    """One ``oft_block_size`` that PEFT turns into every layer's block size, or None.
+
+    ``sizes`` maps a path to ``(width, block size)``; the ``prefer`` values are tried
+    first, then every request from 1 to the widest width (wider ones act as it does):
+    the smallest that works.
+
+    Example:
+        >>> one_block_size({"a": (48, 24), "b": (40, 40)}, prefer=[24, 40])
+        31
+        >>> one_block_size({"a": (64, 16), "b": (64, 32)}) is None
+        True
+    """
+    pairs = sorted(sizes.values())  # the narrowest first: its check fails soonest
+    widest = max(width for width, _ in pairs)
+    for request in (*prefer, *range(1, widest + 1)):
+        if request > 0 and all(peft_block_size(w, request) == size for w, size in pairs):
+            return request
+    return None
+
+
+def peft_conv2d_problem(module: nn.Module) -> str | None:
+    """Why PEFT's OFT/BOFT cannot hold a convolution like ours, or None for a plain one
+    (PEFT takes ``nn.Conv2d`` with one group and a square kernel: a filter of
+    ``in_channels · k · k``)."""
+    if not isinstance(module, nn.Conv2d):
+        return f"a {type(module).__name__} (PEFT takes nn.Conv2d only)"
+    if module.groups != 1:
+        return f"an nn.Conv2d with groups={module.groups} (PEFT takes groups=1)"
+    if module.kernel_size[0] != module.kernel_size[1]:
+        return f"an nn.Conv2d with kernel {module.kernel_size} (PEFT takes square kernels)"
+    return None
+
+
+@peft_exporter("oft")
+def oft_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
+    """OFT: ``<path>.oft_R.weight`` (embeddings: ``oft_embedding_R.weight``), our layout;
+    one ``oft_block_size`` that PEFT adjusts into every layer's block size."""
+    from ..layers import CONV, EMBEDDING, LINEAR, kind_of
+    from ..methods.oft import rotated_width
+
+    neumann = one_setting("OFT", specs, "use_cayley_neumann")
+    terms = one_setting("OFT", specs, "num_cayley_neumann_terms")
+    sizes, tensors = {}, {}
+    for part in parts:
+        module = model.get_submodule(part.path)
+        kind = kind_of(module)
+        problem = peft_conv2d_problem(module) if kind == CONV else None
+        if kind == CONV and problem is None and module.dilation[0] > 1:
+            problem = f"an nn.Conv2d with dilation={module.dilation} (PEFT's OFT takes 1)"
+        if kind not in (LINEAR, EMBEDDING, CONV):
+            problem = f"a {type(module).__name__} (PEFT's OFT takes Linear, Conv2d, Embedding)"
+        if problem:
+            raise UnsupportedOperationError(
+                f"OFT on {part.path!r}, {problem}, has no PEFT form; keep this delta as a "
+                "deltahooks file with delta.save(...), or leave that layer out of targets"
+            )
+        vector = part.tensors[f"{part.path}.oft_R"].detach()
+        sizes[part.path] = (rotated_width(module), block_size_of(vector.shape[-1]))
+        name = "oft_embedding_R" if kind == EMBEDDING else "oft_R"
+        tensors[f"{part.path}.{name}.weight"] = vector
+    requested = [spec.block_size or PEFT_OFT_BLOCK_SIZE for spec in specs]
+    common = Counter(size for _, size in sizes.values()).most_common()
+    block_size = one_block_size(sizes, prefer=[*requested, *(size for size, _ in common)])
+    if block_size is None:
+        listed = ", ".join(f"{p!r}: {s} of {w}" for p, (w, s) in sorted(sizes.items())[:8])
+        raise UnsupportedOperationError(
+            "PEFT's OFT holds one oft_block_size and adjusts it per layer, and no single value "
+            f"gives this delta's block sizes (layer: block size of width: {listed}); save the "
+            "layers whose block sizes differ as separate deltas, or keep it as a deltahooks "
+            "file with delta.save(...)"
+        )
+    fields = {
+        "peft_type": "OFT",
+        "target_modules": sorted(sizes),
+        "r": 0,
+        "oft_block_size": block_size,
+        "use_cayley_neumann": neumann,
+        "num_cayley_neumann_terms": terms,
+        "coft": False,
+        "eps": 6e-5,
+        "block_share": False,
+        "module_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_weights": True,
+        "peft_version": NEUMANN_SINCE,
+    }
+    return fields, tensors

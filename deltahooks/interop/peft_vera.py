@@ -11,8 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import DeltaFileError
+from ..layers import CONV1D_GPT2, kind_of
 from ..targets import Paths
 from .peft import check_paths, peft_importer
+from .peft_export import one_setting, peft_exporter
 
 PROJECTIONS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
 VECTORS = (".vera_lambda_b", ".vera_lambda_d")
@@ -62,3 +64,33 @@ def vera_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
     if save_projection:  # else PEFT ignores stored projections and redraws them: so do we
         state.update(projections)
     return [spec], state
+
+
+@peft_exporter("vera")
+def vera_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
+    """VeRA: ``<path>.vera_lambda_b`` / ``vera_lambda_d`` as ours; the shared projections
+    (with ``save_projection``) are the delta's shared tensors, which
+    :func:`~deltahooks.interop.peft_export.save_peft` writes as ``base_model.vera_A`` /
+    ``base_model.vera_B``."""
+    settings = {
+        name: one_setting("VeRA", specs, name)
+        for name in ("r", "projection_prng_key", "save_projection", "dropout", "d_initial")
+    }
+    tensors, conv1d = {}, False
+    for part in parts:
+        conv1d |= kind_of(model.get_submodule(part.path)) == CONV1D_GPT2
+        for name in ("vera_lambda_b", "vera_lambda_d"):
+            tensors[f"{part.path}.{name}"] = part.tensors[f"{part.path}.{name}"].detach()
+    fields = {
+        "peft_type": "VERA",
+        "target_modules": sorted(part.path for part in parts),
+        "r": settings["r"],
+        "projection_prng_key": settings["projection_prng_key"],
+        "save_projection": settings["save_projection"],
+        "vera_dropout": settings["dropout"],
+        "d_initial": settings["d_initial"],
+        "fan_in_fan_out": conv1d,
+        "bias": "none",
+        "init_weights": True,
+    }
+    return fields, tensors
