@@ -66,6 +66,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "lora_vs_peft.md"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOALS = {"forward": 0.97, "train": 0.90, "merged": 1.01, "memory": 1.00, "saved": 0.82}
+GOALS["dropout_memory"] = 0.90  # Performance II: peak training memory with dropout
 
 
 # --------------------------------------------------------------------------- setup
@@ -311,7 +312,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[Figure], list[s
                 peak["ours"],
                 peak["peft"],
                 peak["ours"] / peak["peft"],
-                GOALS["memory"],
+                GOALS["dropout_memory"] if args.dropout else GOALS["memory"],
                 "MiB",
                 memory_runs_note(mem),
             )

@@ -13,17 +13,21 @@ import argparse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TABLES = ("lora_vs_peft.md", "compiled_vs_peft.md")
+TABLES = {  # table -> how its rows are labelled
+    "lora_vs_peft.md": "",
+    "lora_vs_peft_dropout.md": "dropout 0.05: ",
+    "compiled_vs_peft.md": "",
+}
 
 
-def read_rows(path: Path) -> list[tuple[str, float, float]]:
-    """(figure, ratio, goal) for every row of a results table that has a goal."""
+def read_rows(path: Path, label: str = "") -> list[tuple[str, float, float]]:
+    """(label + figure, ratio, goal) for every row of a results table that has a goal."""
     rows = []
     for line in path.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 6 or not cells[4].startswith("<="):
             continue
-        rows.append((cells[0], float(cells[3]), float(cells[4].removeprefix("<=").strip())))
+        rows.append((label + cells[0], float(cells[3]), float(cells[4].removeprefix("<=").strip())))
     return rows
 
 
@@ -38,12 +42,12 @@ def main() -> None:
 
     rows = [
         row
-        for name in TABLES
+        for name, label in TABLES.items()
         if (args.results / name).exists()
-        for row in read_rows(args.results / name)
+        for row in read_rows(args.results / name, label)
     ]
     names = [name for name, _, _ in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.4))
+    fig, ax = plt.subplots(figsize=(12, 0.55 * len(rows) + 1.4))
     colours = ["tab:green" if ratio <= goal else "tab:red" for _, ratio, goal in rows]
     ax.barh(names, [ratio for _, ratio, _ in rows], color=colours)
     for index, (_, ratio, goal) in enumerate(rows):
@@ -56,7 +60,7 @@ def main() -> None:
             fontsize=9,
         )
     ax.axvline(1.0, color="grey", linewidth=0.8)
-    ax.set_xlim(0, 1.35)
+    ax.set_xlim(0, 1.45)
     ax.invert_yaxis()
     ax.set_xlabel("ratio (lower is better); black tick = goal; green = met, red = not met")
     ax.set_title("deltahooks vs PEFT / frozen base, same process, interleaved")
