@@ -159,8 +159,9 @@ def test_a_training_step_with_dropout_equals_peft_given_the_same_masks():
         torch.testing.assert_close(param.grad, names[key].grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_replays_the_same_masks(use_reentrant):
+def test_gradient_checkpointing_replays_the_same_masks(use_reentrant, dropout):
     """Checkpointing restores the RNG state before a replay, so the replayed layers draw
     the masks of the first pass and the gradients are those of a plain backward."""
     pytest.importorskip("transformers")
@@ -169,5 +170,5 @@ def test_gradient_checkpointing_replays_the_same_masks(use_reentrant):
 
     import deltahooks as dh
 
-    spec = dh.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4, dropout=0.3, init="random")
+    spec = dh.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4, dropout=dropout, init="random")
     check_gradient_checkpointing(llama, spec, use_reentrant)
