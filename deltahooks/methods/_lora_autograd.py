@@ -74,6 +74,19 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return bits.view(torch.bool).reshape(-1)[: shape.numel()].view(shape)
 
 
+FAST_BACKWARD_MIN = 1 << 16  # input elements (tokens × fan-in) from which it pays off
+
+
+def pays_off(x: torch.Tensor) -> bool:
+    """Whether :class:`LowRankUpdate` beats plain autograd without dropout.
+
+    Its backward runs in Python, ~40 µs per layer more than autograd's nodes, and saves
+    100-900 µs per layer on CPU at 512 tokens × 512-1376 wide; on small inputs, and on
+    GPUs (whose GEMMs take any layout at full speed), plain autograd is faster.
+    """
+    return x.device.type == "cpu" and x.numel() >= FAST_BACKWARD_MIN
+
+
 def outer(grad_h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``grad_h A`` (tokens × r times r × fan-in): the rank-r product of the input gradient.
 

@@ -43,7 +43,7 @@ from ..sites import OutputSite, RedirectSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import ParameterPath, first_match
 from . import lora_parameters
-from ._lora_autograd import low_rank_update
+from ._lora_autograd import low_rank_update, pays_off
 
 INITS = ("default", "gaussian", "random", "pissa", "olora")
 RESIDUAL_INITS = ("pissa", "olora")  # the layer computes with W - sBA₀ while attached
@@ -377,7 +377,8 @@ def bypass(kind: str, scale: float, dropout: float, module: nn.Module, x, y, ten
         return y + F.linear(F.embedding(x, a.t(), module.padding_idx), b) * scale
     recording = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
     dropping = bool(dropout) and module.training
-    if (recording or dropping) and kind != CONV and not torch.compiler.is_compiling():
+    own_path = dropping or (recording and pays_off(x))
+    if own_path and kind != CONV and not torch.compiler.is_compiling():
         # its own autograd path: a mask, not a dropped copy per layer, and faster GEMM
         # layouts in backward; with dropout also taken without autograd, so that reentrant
         # checkpointing's no-grad first pass draws the masks its replay draws
