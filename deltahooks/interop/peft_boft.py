@@ -11,11 +11,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import DeltaFileError, UnsupportedOperationError
-from ..layers import CONV, LINEAR, kind_of, widths
+from ..layers import CONV, LINEAR, widths
 from ..targets import Paths
 from .peft import check_paths, peft_importer
 from .peft_export import peft_exporter
-from .peft_oft import peft_conv2d_problem
+from .peft_oft import refuse_unless_peft_takes
 
 LOCALS = ("boft_R", "boft_s")
 
@@ -85,15 +85,9 @@ def boft_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
     tensors = {}
     for part in parts:
         module = model.get_submodule(part.path)
-        kind = kind_of(module)
-        problem = peft_conv2d_problem(module) if kind == CONV else None
-        if kind not in (LINEAR, CONV):
-            problem = f"a {type(module).__name__} (PEFT's BOFT takes Linear and Conv2d)"
-        if problem:
-            raise UnsupportedOperationError(
-                f"BOFT on {part.path!r}, {problem}, has no PEFT form; keep this delta as a "
-                "deltahooks file with delta.save(...), or leave that layer out of targets"
-            )
+        kind = refuse_unless_peft_takes(
+            "BOFT", part.path, module, {LINEAR: "Linear", CONV: "Conv2d"}
+        )
         blocks = part.tensors[f"{part.path}.boft_R"].detach()
         scale = part.tensors[f"{part.path}.boft_s"].detach()
         settings.setdefault((int(blocks.shape[2]), int(blocks.shape[0])), []).append(part.path)

@@ -143,29 +143,46 @@ def peft_conv2d_problem(module: nn.Module) -> str | None:
     return None
 
 
+def refuse_unless_peft_takes(
+    method: str, path: str, module: nn.Module, kinds: dict, problem: str | None = None
+) -> str:
+    """The layer kind of ``module`` if PEFT's ``method`` takes it (``kinds``: kind → name
+    for the message), else :class:`UnsupportedOperationError` naming the layer and why
+    (``problem``: a reason of the caller's own)."""
+    from ..layers import CONV, kind_of
+
+    kind = kind_of(module)
+    problem = (peft_conv2d_problem(module) if kind == CONV else None) or problem
+    if kind not in kinds:
+        *rest, last = kinds.values()
+        takes = f"{', '.join(rest)} and {last}" if rest else last
+        problem = f"a {type(module).__name__} (PEFT's {method} takes {takes})"
+    if problem:
+        raise UnsupportedOperationError(
+            f"{method} on {path!r}, {problem}, has no PEFT form; keep this delta as a "
+            "deltahooks file with delta.save(...), or leave that layer out of targets"
+        )
+    return kind
+
+
 @peft_exporter("oft")
 def oft_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
     """OFT: ``<path>.oft_R.weight`` (embeddings: ``oft_embedding_R.weight``), our layout;
     one ``oft_block_size`` that PEFT adjusts into every layer's block size."""
-    from ..layers import CONV, EMBEDDING, LINEAR, kind_of
+    from ..layers import CONV, EMBEDDING, LINEAR
     from ..methods.oft import rotated_width
 
     neumann = one_setting("OFT", specs, "use_cayley_neumann")
     terms = one_setting("OFT", specs, "num_cayley_neumann_terms")
     sizes, tensors = {}, {}
+    kinds = {LINEAR: "Linear", CONV: "Conv2d", EMBEDDING: "Embedding"}
     for part in parts:
         module = model.get_submodule(part.path)
-        kind = kind_of(module)
-        problem = peft_conv2d_problem(module) if kind == CONV else None
-        if kind == CONV and problem is None and module.dilation[0] > 1:
-            problem = f"an nn.Conv2d with dilation={module.dilation} (PEFT's OFT takes 1)"
-        if kind not in (LINEAR, EMBEDDING, CONV):
-            problem = f"a {type(module).__name__} (PEFT's OFT takes Linear, Conv2d, Embedding)"
-        if problem:
-            raise UnsupportedOperationError(
-                f"OFT on {part.path!r}, {problem}, has no PEFT form; keep this delta as a "
-                "deltahooks file with delta.save(...), or leave that layer out of targets"
-            )
+        dilation = getattr(module, "dilation", (1,))
+        dilated = f"an nn.Conv2d with dilation={dilation} (PEFT's OFT takes 1)"
+        kind = refuse_unless_peft_takes(
+            "OFT", part.path, module, kinds, dilated if dilation[0] > 1 else None
+        )
         vector = part.tensors[f"{part.path}.oft_R"].detach()
         sizes[part.path] = (rotated_width(module), block_size_of(vector.shape[-1]))
         name = "oft_embedding_R" if kind == EMBEDDING else "oft_R"
