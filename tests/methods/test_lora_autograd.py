@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltahooks.methods._lora_autograd import (
     RESOLUTION,
@@ -172,3 +174,32 @@ def test_gradient_checkpointing_replays_the_same_masks(use_reentrant, dropout):
 
     spec = dh.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4, dropout=dropout, init="random")
     check_gradient_checkpointing(llama, spec, use_reentrant)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.integers(1, 40),
+    fan_in=st.integers(1, 70),
+    fan_out=st.integers(1, 20),
+    rank=st.integers(1, 6),
+    p=st.sampled_from([0.0, 0.01, 0.3, 0.9]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_shape_equals_plain_autograd_for_the_same_mask(tokens, fan_in, fan_out, rank, p, seed):
+    """Any token count and width (element counts that are no multiple of 8 included, which
+    pad the packed mask), any rank and probability: values and all four gradients."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    x, y = leaf(tokens, fan_in), leaf(tokens, fan_out)
+    a, b = leaf(rank, fan_in), leaf(fan_out, rank)
+    upstream = torch.randn(tokens, fan_out, generator=generator, dtype=torch.float64)
+    results = []
+    for fn in (low_rank_update, reference):
+        torch.manual_seed(seed)
+        out = fn(x, y, a, b, 0.7, p)
+        results.append((out, *torch.autograd.grad(out, (x, y, a, b), upstream)))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
