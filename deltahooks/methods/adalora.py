@@ -27,6 +27,7 @@ from ..layers import CONV, CONV1D_GPT2, LINEAR, kind_of, to_weight_layout, width
 from ..merging import stored
 from ..sites import OutputSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
+from ._lora_autograd import low_rank_update, pays_off
 
 KINDS = (LINEAR, CONV1D_GPT2, CONV)
 INITS = ("default", "random")
@@ -196,7 +197,14 @@ class AdaLoRA(DeltaSpec):
 def update(kind: str, scale: float, dropout: float, module: nn.Module, x, y, tensors, writable):
     """``y + s · B((A ⊙ E) dropout(x))``; accumulated into ``y`` when ``writable``."""
     a, e, b = tensors
-    if dropout and module.training:
+    dropping = bool(dropout) and module.training
+    recording = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
+    own_path = dropping or (recording and pays_off(x))
+    if own_path and kind != CONV and not torch.compiler.is_compiling():
+        # LoRA's autograd path with A ⊙ E as its A: a dropout mask instead of a dropped
+        # copy of x, and the faster backward layouts (see methods/_lora_autograd.py)
+        return low_rank_update(x, y, a * e, b, scale, dropout if dropping else 0.0)
+    if dropping:
         x = F.dropout(x, dropout, True)
     if kind == CONV:  # PEFT's form: the full-size update as a kernel
         kernel = (b @ (a * e)).reshape(module.weight.shape) * scale
