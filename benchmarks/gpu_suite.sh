@@ -2,7 +2,8 @@
 # One GPU run of every accelerator benchmark, in under 6 minutes on one H100/H200:
 # LoRA vs PEFT at a 1B shape (bf16, d=2048 x 16 layers, 4 x 1024 tokens) and at a
 # launch-bound shape (d=512 x 8, 4 x 128), the same with LoRA dropout 0.05 (our own mask
-# draws and autograd path on CUDA), and the torch.compile'd train step.
+# draws and autograd path on CUDA), the torch.compile'd train step, and LoRA on a
+# bitsandbytes NF4 base against PEFT's QLoRA (bf16 compute, CUDA memory).
 # Tables land in benchmarks/results/gpu/ with date, device and versions (each script
 # writes them). Run from the repository root:
 #
@@ -19,11 +20,13 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   scale=6  # 2 shared CPU cores and a cold inductor cache: the limits are for a GPU
   device=(--device cpu --dtype float32 --quick --no-memory)
   big=() small=() compiled=()
+  qlora=(--quick)
 else
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
   device=(--device cuda --dtype bfloat16)
   big=(--hidden 2048 --layers 16 --intermediate 5504 --heads 16 --vocab 32000 --batch 4 --seq 1024 --rounds 7)
   small=(--hidden 512 --layers 8 --intermediate 1376 --heads 8 --vocab 32000 --batch 4 --seq 128 --rounds 9)
+  qlora=(--device cuda --dtype bfloat16)
   compiled=(--hidden 1024 --layers 8 --intermediate 2752 --heads 8 --vocab 32000 --batch 4 --seq 512)
 fi
 mkdir -p "$out"
@@ -37,7 +40,8 @@ step() {  # step NAME SECONDS COMMAND...
   fi
 }
 step lora_1b 150 python benchmarks/lora_vs_peft.py "${device[@]}" "${big[@]}"
-step lora_launch_bound 60 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}"
-step lora_dropout 45 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}" --dropout 0.05
-step compiled 105 python benchmarks/compiled_vs_peft.py "${device[@]}" "${compiled[@]}"
+step lora_launch_bound 45 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}"
+step lora_dropout 35 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}" --dropout 0.05
+step compiled 80 python benchmarks/compiled_vs_peft.py "${device[@]}" "${compiled[@]}"
+step qlora 50 python benchmarks/qlora_vs_peft.py "${qlora[@]}"
 ls -l "$out"

@@ -1,8 +1,8 @@
-"""deltahooks LoRA vs PEFT's QLoRA on a 4-bit (bitsandbytes NF4) Llama, CPU, interleaved.
+"""deltahooks LoRA vs PEFT's QLoRA on a 4-bit (bitsandbytes NF4) Llama, interleaved.
 
 Both sides load the same checkpoint (a random Llama saved once to a temporary folder) with
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``, compute dtype
-float32, and carry the same LoRA factors (PEFT's are copied into ours); the script prints
+float32 on CPU (``--device cuda --dtype bfloat16`` on a GPU), and carry the same LoRA factors (PEFT's are copied into ours); the script prints
 how far their outputs differ. Models stay in training mode throughout: on CPU,
 bitsandbytes repacks NF4 weights for inference at the first eval forward, after which the
 layer no longer trains (its limitation, on both sides).
@@ -10,12 +10,13 @@ layer no longer trains (its limitation, on both sides).
 Figures:
   1. forward (no_grad), ours / PEFT                     [<= 1.00]
   2. train step (LM loss fwd + bwd + AdamW), ours / PEFT [<= 1.00]
-  3. peak RSS while training, ours / PEFT, each side in a fresh process, twice
-     (ours, PEFT, PEFT, ours)                            [<= 1.00]
+  3. peak memory while training, ours / PEFT, each side in a fresh process, twice
+     (ours, PEFT, PEFT, ours); CPU: RSS, CUDA: max_memory_allocated  [<= 1.00]
 
 Usage:
     python benchmarks/qlora_vs_peft.py --threads 1     # about a minute on 2 cores
     python benchmarks/qlora_vs_peft.py --quick         # smoke run
+    python benchmarks/qlora_vs_peft.py --device cuda --dtype bfloat16   # (gpu_suite.sh)
 
 The markdown table is also written to ``benchmarks/out/qlora_vs_peft.md``.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
 import lora_vs_peft as common
 import torch
+from _method_vs_peft import device_name, markdown_table
 from torch import nn
 
 dh = common.dh
@@ -59,6 +61,8 @@ GOAL = 1.00
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES))
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: smoke run")
     for flag, (ref, quick) in SHAPES.items():
         help_text = f"default {ref} ({quick} with --quick)"
@@ -73,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag, (ref, quick) in SHAPES.items():
         if getattr(args, flag) is None:
             setattr(args, flag, quick if args.quick else ref)
-    args.device, args.dtype, args.profile = "cpu", "float32", 0
+    args.profile = 0
     return args
 
 
@@ -85,11 +89,12 @@ def save_checkpoint(args: argparse.Namespace, folder: str) -> None:
 def load_nf4(args: argparse.Namespace) -> nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    dtype = common.DTYPES[args.dtype]
     config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
     )
     model = AutoModelForCausalLM.from_pretrained(
-        args.checkpoint, quantization_config=config, device_map="cpu"
+        args.checkpoint, quantization_config=config, device_map={"": args.device}, dtype=dtype
     )
     return model.train()
 
@@ -123,13 +128,24 @@ def memory_worker(args: argparse.Namespace) -> None:
     import peft  # noqa: F401  (same imports on both sides)
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     model = attach_ours(args)[0] if args.memory_worker == "ours" else attach_peft(args)
-    step = common.train_fn(model, common.make_batch(args, torch.device("cpu")), [])
-    resident = timing.current_rss_bytes()
-    timing.reset_peak_rss()
+    step = common.train_fn(model, common.make_batch(args, device), [])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        resident = timing.current_rss_bytes()
+        timing.reset_peak_rss()
     for _ in range(args.memory_steps):
         step()
-    print(json.dumps({"resident": resident, "peak": timing.peak_rss_bytes()}))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = timing.peak_rss_bytes()
+    print(json.dumps({"resident": resident, "peak": peak}))
 
 
 def measure_memory(argv: list[str], checkpoint: str) -> dict[str, list[dict[str, int]]]:
@@ -145,7 +161,7 @@ def measure_memory(argv: list[str], checkpoint: str) -> dict[str, list[dict[str,
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[common.Figure], list[str]]:
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     peft_model = attach_peft(args)
     ours, delta = attach_ours(args)
     copied = copy_from_peft(peft_model, delta)
@@ -173,7 +189,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[common.Figure],
     ]
     del peft_model, ours, delta, train
     mem = measure_memory(argv, args.checkpoint)
-    for key, what in [("peak", "peak RSS in training"), ("resident", "RSS after attach")]:
+    what_memory = "CUDA allocated" if device.type == "cuda" else "RSS"
+    for key, what in [
+        ("peak", f"peak {what_memory} in training"),
+        ("resident", f"{what_memory} after attach"),
+    ]:
         value = {side: timing.median([r[key] / MIB for r in runs]) for side, runs in mem.items()}
         runs = " / ".join(", ".join(f"{r[key] / MIB:.0f}" for r in mem[side]) for side in mem)
         figures.append(
@@ -197,12 +217,13 @@ def environment(args: argparse.Namespace) -> list[str]:
 
     return [
         f"date: {timing.utc_now()}",
-        f"device: cpu - {common.device_name(torch.device('cpu'))}; torch threads: {args.threads}",
+        f"device: {args.device} - {device_name(torch.device(args.device))}; "
+        f"torch threads: {args.threads}",
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
         f"{peft.__version__}, bitsandbytes {bitsandbytes.__version__}, deltahooks "
         f"{dh.__version__} ({timing.git_commit()})",
         f"workload: Llama hidden={args.hidden} layers={args.layers} intermediate="
-        f"{args.intermediate} heads={args.heads} vocab={args.vocab} in NF4 (compute float32), "
+        f"{args.intermediate} heads={args.heads} vocab={args.vocab} in NF4 (compute {args.dtype}), "
         f"batch {args.batch} x {args.seq} tokens; LoRA r={args.rank} alpha={args.alpha:g} on "
         "all 7 linears",
         f"timing: {args.warmup} warm-up + {args.rounds} interleaved rounds; ratio = median of "
@@ -224,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         args.checkpoint = folder
         save_checkpoint(args, folder)
         figures, checks = run(args, argv)
-    table = common.markdown_table(figures)
+    table = markdown_table(figures)
     text = "\n".join(
         [
             "# deltahooks LoRA vs PEFT QLoRA (NF4 base)",
