@@ -102,6 +102,7 @@ def workload(args: argparse.Namespace, layers: int, rank: int) -> argparse.Names
     point.layers = layers
     point.rank = rank
     point.alpha = 2.0 * rank
+    point.dropout = 0.0  # the sweep measures hooks, not dropout
     return point
 
 
