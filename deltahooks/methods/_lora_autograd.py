@@ -137,19 +137,20 @@ class LowRankUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _h, _packed):
         x, packed, a, b, h = ctx.saved_tensors
+        keep = unpack_bits(packed, x.shape).view(torch.uint8) if ctx.dropped else None
+        if torch.is_grad_enabled():  # create_graph: h must carry its dependence on x and A
+            h = ((x if keep is None else x * keep) @ a.t()) * ctx.factor
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[3]:
             grad_b = (h.t() @ grad).t() * ctx.scale
         # the rank-r gradient of dropout(x) Aᵀ with s and 1/(1-p) folded in
         grad_h = (grad @ b.t().contiguous().t()) * (ctx.scale * ctx.factor)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            keep = unpack_bits(packed, x.shape).view(torch.uint8) if ctx.dropped else None
-            if ctx.needs_input_grad[2]:
-                grad_a = grad_h.t() @ (x if keep is None else x * keep)
-            if ctx.needs_input_grad[0]:
-                grad_x = outer(grad_h, a)
-                if keep is not None:
-                    grad_x.mul_(keep)
+        if ctx.needs_input_grad[2]:
+            grad_a = grad_h.t() @ (x if keep is None else x * keep)
+        if ctx.needs_input_grad[0]:
+            grad_x = outer(grad_h, a)
+            if keep is not None:
+                grad_x.mul_(keep)
         return grad_x, grad, grad_a, grad_b, None, None
 
 

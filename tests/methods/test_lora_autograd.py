@@ -255,3 +255,21 @@ def test_per_sample_gradients_with_vmap(monkeypatch):
         loss(leaves, x[i]).backward()
         for key, leaf in leaves.items():
             torch.testing.assert_close(per_sample[key][i], leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_second_derivatives_are_right(p):
+    """``create_graph=True`` (gradient penalties, second-order meta-learning) differentiates
+    the backward too: ``gradgradcheck`` with a fixed mask."""
+    torch.manual_seed(0)
+    inputs = [
+        torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        for shape in [(5, 7), (5, 3), (2, 7), (3, 2)]
+    ]
+
+    def update(x, y, a, b):
+        torch.manual_seed(11)  # the same mask on every call
+        return low_rank_update(x, y, a, b, 0.5, p)
+
+    assert torch.autograd.gradcheck(update, inputs)
+    assert torch.autograd.gradgradcheck(update, inputs)
