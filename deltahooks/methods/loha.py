@@ -148,14 +148,21 @@ class HadamardUpdate(torch.autograd.Function):
     """``W + s · (A₁B₁) ⊙ (A₂B₂)`` that keeps only the small factors for the backward.
 
     Plain autograd would keep both full-size products alive per layer until the
-    backward; here they are recomputed there (one matmul each), as PEFT does.
+    backward; here they are recomputed there (one matmul each), as PEFT does. Written
+    with ``setup_context`` and a generated vmap rule, so ``torch.func`` transforms work.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, weight, a1, b1, a2, b2, scale: float):
+    def forward(weight, a1, b1, a2, b2, scale: float):
+        return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, a1, b1, a2, b2, scale = inputs
         ctx.save_for_backward(a1, b1, a2, b2)
         ctx.scale = scale
-        return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=scale)
 
     @staticmethod
     def backward(ctx, grad):

@@ -240,3 +240,29 @@ def test_bad_inputs_leave_the_model_unchanged():
     model.add_module("volume", nn.Conv3d(2, 2, 1))
     check_refused(model, dh.LoHa(targets=["head", "emb"]), dh.UnsupportedModuleError, "Embedding")
     check_refused(model, dh.LoHa(targets=["volume"]), dh.UnsupportedModuleError, "Conv3d")
+
+
+def test_the_update_has_right_second_derivatives_and_works_under_torch_func():
+    """Its own backward is differentiated again (``create_graph``) and ``torch.func.grad``
+    goes through it (``setup_context``), both giving plain autograd's numbers."""
+    torch.manual_seed(0)
+    shapes = [(4, 5), (4, 2), (2, 5), (4, 2), (2, 5)]
+    inputs = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+    def update(*tensors):
+        return HadamardUpdate.apply(*tensors, 0.7)
+
+    assert torch.autograd.gradgradcheck(update, inputs)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    dh.attach(model, dh.LoHa(targets=["0"], r=2))
+    x = torch.randn(3, 16)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,)).pow(2).mean()
+
+    grads = torch.func.grad(loss)(params)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    loss(leaves).backward()
+    for key, leaf in leaves.items():
+        torch.testing.assert_close(grads[key], leaf.grad)
