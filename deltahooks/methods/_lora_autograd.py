@@ -137,8 +137,12 @@ class LowRankUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _h, _packed):
         x, packed, a, b, h = ctx.saved_tensors
-        keep = unpack_bits(packed, x.shape).view(torch.uint8) if ctx.dropped else None
-        if torch.is_grad_enabled():  # create_graph: h must carry its dependence on x and A
+        recompute = torch.is_grad_enabled()  # create_graph: h must depend on x and A
+        needs_mask = recompute or ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+        keep = None
+        if ctx.dropped and needs_mask:
+            keep = unpack_bits(packed, x.shape).view(torch.uint8)
+        if recompute:
             h = ((x if keep is None else x * keep) @ a.t()) * ctx.factor
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[3]:
