@@ -34,7 +34,7 @@ from pathlib import Path
 import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
 import lora_vs_peft as common
 import torch
-from _method_vs_peft import device_name, markdown_table
+from _method_vs_peft import device_name, markdown_table, print_training_peak
 from torch import nn
 
 dh = common.dh
@@ -131,21 +131,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     model = attach_ours(args)[0] if args.memory_worker == "ours" else attach_peft(args)
     step = common.train_fn(model, common.make_batch(args, device), [])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        resident = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        resident = timing.current_rss_bytes()
-        timing.reset_peak_rss()
-    for _ in range(args.memory_steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = timing.peak_rss_bytes()
-    print(json.dumps({"resident": resident, "peak": peak}))
+    print_training_peak(step, device, args.memory_steps)
 
 
 def measure_memory(argv: list[str], checkpoint: str) -> dict[str, list[dict[str, int]]]:
@@ -192,7 +178,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[list[common.Figure],
     what_memory = "CUDA allocated" if device.type == "cuda" else "RSS"
     for key, what in [
         ("peak", f"peak {what_memory} in training"),
-        ("resident", f"{what_memory} after attach"),
+        ("before", f"{what_memory} after attach"),
     ]:
         value = {side: timing.median([r[key] / MIB for r in runs]) for side, runs in mem.items()}
         runs = " / ".join(", ".join(f"{r[key] / MIB:.0f}" for r in mem[side]) for side in mem)
