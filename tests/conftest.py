@@ -5,7 +5,10 @@ example database (every run starts from the same nothing, and a failure prints t
 ``@reproduce_failure`` blob that replays it anywhere).
 """
 
+import functools
 import os
+import pathlib
+import re
 import sys
 
 import pytest
@@ -24,6 +27,41 @@ COMMON = {
 settings.register_profile("ci", max_examples=40, **COMMON)
 settings.register_profile("thorough", max_examples=500, **COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+HF_WORDS = re.compile(r"\b(transformers|peft|trl)\b")
+HERE = pathlib.Path(__file__).parent
+
+
+@functools.cache
+def _touches_hf(path: pathlib.Path) -> bool:
+    """Whether a test file names transformers, peft or trl, or imports a helper of tests/
+    that does (``tiny_models``, ``architectures``, ...)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    if HF_WORDS.search(text):
+        return True
+    for helper in HERE.glob("*.py"):
+        if helper != path and re.search(rf"\b(from|import) {helper.stem}\b", text):
+            if _touches_hf(helper):
+                return True
+    return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "hf: the test's module touches transformers, peft or trl (set automatically); CI runs "
+        "these again against the newest releases (`pytest -m hf`)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _touches_hf(pathlib.Path(str(item.path))):
+            item.add_marker(pytest.mark.hf)
+
 
 TEST_MEMORY_BUDGET = int(os.environ.get("DELTAHOOKS_TEST_MEMORY_BUDGET", 2 * 2**30))
 """How much memory one test may grow by before its allocations fail (default 2 GiB)."""
