@@ -87,6 +87,7 @@ class Refusal:
     method: str
     architectures: tuple[str, ...]
     error: type[Exception]
+    match: str  # a regex the error's message must contain: the documented reason, not another
     readme: str  # the phrase of README.md that documents it
 
 
@@ -103,31 +104,36 @@ BIAS_FREE = (
     "t5",
 )
 NO_TOKEN_EMBEDDINGS = ("vit", "convnext", "swin", "wav2vec2", "clip")
-NO_USABLE_CACHE = (
-    "mamba",  # a state-space cache, no keys and values
-    "gemma2",  # sliding-window layers
-    "gemma3",
-    "mistral",
-    "distilbert",  # no past_key_values argument
-    "vit",
-    "convnext",
-    "swin",
-    "wav2vec2",
-    "clip",
-)
+NO_CACHE = ("mamba", "distilbert", "vit", "convnext", "swin", "wav2vec2", "clip")
+SLIDING_WINDOW_CACHE = ("gemma2", "gemma3", "mistral")
 
 REFUSALS: list[Refusal] = [
-    Refusal("BitFit", BIAS_FREE, dh.TargetError, "on bias-free models (Llama, T5) name targets"),
+    Refusal(
+        "BitFit",
+        BIAS_FREE,
+        dh.TargetError,
+        "the biases the model has, and it has none",
+        "on bias-free models (Llama, T5) name targets",
+    ),
     Refusal(
         "PrefixTuning",
-        NO_USABLE_CACHE,
+        NO_CACHE,  # Mamba's cache holds states, not keys and values
         dh.UnsupportedModuleError,
+        "to take past_key_values, and neither forward does",
+        "Models without a usable cache are refused at attach.",
+    ),
+    Refusal(
+        "PrefixTuning",
+        SLIDING_WINDOW_CACHE,
+        dh.UnsupportedModuleError,
+        "sliding windows",
         "Models without a usable cache are refused at attach.",
     ),
     Refusal(
         "PromptTuning",
         NO_TOKEN_EMBEDDINGS,
         dh.UnsupportedModuleError,
+        "get_input_embeddings",
         "A model without token embeddings (`get_input_embeddings()`: ViT, ConvNeXt, Swin, "
         "wav2vec2, CLIP) is refused at attach.",
     ),
@@ -135,6 +141,7 @@ REFUSALS: list[Refusal] = [
         "PromptTuning",
         ("whisper",),
         dh.UnsupportedModuleError,
+        "takes no inputs_embeds",
         "an encoder that takes no `inputs_embeds` (Whisper's) is refused at attach.",
     ),
 ]
@@ -250,7 +257,7 @@ def test_cell(arch, method, tmp_path):
 
     refusal = refusal_for(method, arch)
     if refusal is not None:
-        with pytest.raises(refusal.error):
+        with pytest.raises(refusal.error, match=refusal.match):
             dh.attach(model, spec)
         assert_restored(model, before)
         return
