@@ -165,7 +165,7 @@ def test_every_refusal_is_documented_in_the_readme():
 def test_the_matrix_is_wide_enough():
     kinds = {a.kind for a in ARCHITECTURES.values()}
     assert len(ARCHITECTURES) >= 24
-    assert {"decoder", "moe", "ssm", "seq2seq", "encoder", "vision", "audio"} <= kinds
+    assert {"decoder", "moe", "ssm", "seq2seq", "encoder", "vision", "audio", "multimodal"} <= kinds
     public = {
         name
         for name in dh.__all__
