@@ -5,11 +5,11 @@ example database (every run starts from the same nothing, and a failure prints t
 ``@reproduce_failure`` blob that replays it anywhere).
 """
 
-import functools
 import os
 import pathlib
 import re
 import sys
+import types
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -28,23 +28,31 @@ settings.register_profile("ci", max_examples=40, **COMMON)
 settings.register_profile("thorough", max_examples=500, **COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-HF_WORDS = re.compile(r"\b(transformers|peft|trl)\b")
-HERE = pathlib.Path(__file__).parent
+HF = ("transformers", "peft", "trl")
+HERE = pathlib.Path(__file__).resolve().parent
+# a module-level `pytest.importorskip("transformers")` keeps no name in the module's globals
+TOP_LEVEL_IMPORT = re.compile(r'^\S.*importorskip\(\s*"(transformers|peft|trl)', re.M)
 
 
-@functools.cache
-def _touches_hf(path: pathlib.Path) -> bool:
-    """Whether a test file names transformers, peft or trl, or imports a helper of tests/
-    that does (``tiny_models``, ``architectures``, ...)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return False
-    if HF_WORDS.search(text):
+def _imports_hf(module: types.ModuleType, seen: set[str]) -> bool:
+    """Whether ``module`` imports transformers, peft or trl at import time, itself or through
+    a helper module of tests/ (``tiny_models``, ``architectures``, ...)."""
+    seen.add(module.__name__)
+    path = getattr(module, "__file__", None)
+    if path and TOP_LEVEL_IMPORT.search(pathlib.Path(path).read_text(encoding="utf-8")):
         return True
-    for helper in HERE.glob("*.py"):
-        if helper != path and re.search(rf"\b(from|import) {helper.stem}\b", text):
-            if _touches_hf(helper):
+    for value in vars(module).values():
+        if isinstance(value, types.ModuleType):
+            source = value
+        else:
+            source = sys.modules.get(getattr(value, "__module__", None) or "")
+            if source is None:
+                continue
+        if source.__name__.split(".")[0] in HF:
+            return True
+        path = getattr(source, "__file__", None)
+        if path and source.__name__ not in seen and pathlib.Path(path).resolve().parent == HERE:
+            if _imports_hf(source, seen):
                 return True
     return False
 
@@ -52,14 +60,20 @@ def _touches_hf(path: pathlib.Path) -> bool:
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "hf: the test's module touches transformers, peft or trl (set automatically); CI runs "
+        "hf: the test's module imports transformers, peft or trl (set automatically); CI runs "
         "these again against the newest releases (`pytest -m hf`)",
     )
 
 
 def pytest_collection_modifyitems(config, items):
+    found: dict[str, bool] = {}
     for item in items:
-        if _touches_hf(pathlib.Path(str(item.path))):
+        module = getattr(item, "module", None)  # None for doctests: deltahooks never imports HF
+        if module is None:
+            continue
+        if module.__name__ not in found:
+            found[module.__name__] = _imports_hf(module, set())
+        if found[module.__name__]:
             item.add_marker(pytest.mark.hf)
 
 
