@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import liveness
 from .delta import Delta, teardown
 from .errors import DeltaStateError, SpecError
 from .ledger import Ledger, join
@@ -278,7 +279,10 @@ def attach(
             shared_by_spec.append(entries)
         for part in built.parts:
             part.install(ledger, switch, shared_by_spec[part.spec_index])
-        delta = Delta(model, name, specs, built.parts, shared_entries, ledger, switch, freeze_base)
+        watch = liveness.watch(ledger, switch, name, built.parts, specs, shared_entries)
+        delta = Delta(
+            model, name, specs, built.parts, shared_entries, ledger, switch, freeze_base, watch
+        )
         registry.deltas[name] = delta
         if freeze_base:
             registry.freeze_base(model, name)
