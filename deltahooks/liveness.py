@@ -158,7 +158,7 @@ class Watch:
         self.tensors = tensors  # ledger entries of the delta's parameters
         self.dead_pending = has_hook_sites(parts)
         self.grad_pending = bool(tensors)
-        self.before: list | None = None  # (entry, grad, version) at the armed forward
+        self.before: list | None = None  # (key, tensor, grad, grad version) when armed
         self.queued = False
         self.entry: HookEntry | None = None
 
@@ -190,37 +190,39 @@ class Watch:
         starts = output_tensors(output)
         if not starts or any(_is_functorch(t) for t in starts):
             return
-        self.before = []
-        for entry in self.tensors:
-            tensor = self.ledger.tensor(entry)
-            grad = tensor.grad
-            self.before.append((entry, grad, None if grad is None else grad._version))
+        tensors = [(entry.key, self.ledger.tensor(entry)) for entry in self.tensors]
+        dtensor = _dtensor_class()
+        if dtensor is not None and any(isinstance(t, dtensor) for _, t in tensors):
+            self.grad_pending = False  # FSDP2 writes sharded gradients after the backward
+            return
+        self.before = [  # the tensors the call used (torch.func.functional_call swaps them)
+            (key, tensor, tensor.grad, None if tensor.grad is None else tensor.grad._version)
+            for key, tensor in tensors
+            if tensor.requires_grad and tensor.is_leaf
+        ]
+        if not self.before:
+            return
         for tensor in starts:
             tensor.register_hook(self._backward_started)
 
     def _backward_started(self, grad: torch.Tensor) -> None:
-        if not self.grad_pending or self.queued or self.before is None:
+        if not self.grad_pending or self.queued or not self.before:
             return
-        trainable = (self.ledger.tensor(entry) for entry, _, _ in self.before)
-        probe = next((tensor for tensor in trainable if tensor.requires_grad), None)
-        if probe is None or _runs_grad_only(probe):
+        if _runs_grad_only(self.before[0][1]):
             return
         self.queued = True
         torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
 
     def _backward_ended(self) -> None:
         self.queued = False
-        if not self.grad_pending or self.before is None or not self.ledger.entries:
-            return  # settled or detached meanwhile
-        missing, trainable = [], 0
-        for entry, old, version in self.before:
-            tensor = self.ledger.tensor(entry)
-            if not tensor.requires_grad:
-                continue
-            trainable += 1
-            grad = tensor.grad
-            if grad is None or (grad is old and grad._version == version):
-                missing.append(entry.key)
+        if not self.grad_pending or not self.before:
+            return  # settled meanwhile
+        missing = [
+            key
+            for key, tensor, old, version in self.before
+            if tensor.grad is None or (tensor.grad is old and tensor.grad._version == version)
+        ]
+        trainable = len(self.before)
         self.grad_pending = False
         self.before = None
         if missing:
@@ -238,9 +240,6 @@ def watch(
     """Install both checks for a delta just attached (see the module docstring)."""
     entries = [entry for part in parts for entry in part.entries] + list(shared)
     parameters = [entry for entry in entries if entry.is_parameter]
-    dtensor = _dtensor_class()
-    if dtensor is not None and any(isinstance(ledger.tensor(e), dtensor) for e in parameters):
-        parameters = []  # FSDP2 writes sharded gradients after the backward: nothing to compare
     checks = Watch(ledger, switch, name, parts, specs, parameters)
     checks.resume()
     return checks

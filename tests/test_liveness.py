@@ -107,6 +107,20 @@ def test_a_model_whose_every_adapted_module_runs_warns_nothing(make_spec):
     assert recorded(lambda: train_step(model)) == {}
 
 
+def test_torch_multi_head_attention_never_calls_its_out_proj():
+    """``F.multi_head_attention_forward`` reads ``out_proj.weight`` itself."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    dh.attach(model, dh.Adapter(targets=["out_proj", "linear1"], bottleneck=2))
+    found = recorded(lambda: model(torch.randn(2, 5, 16)).sum().backward())
+    (dead,) = found[dh.DeadSiteWarning]
+    assert "'layers.0.self_attn.out_proj', 'layers.1.self_attn.out_proj' (" in dead
+    assert "linear1" not in dead
+    (no_grad,) = found[dh.NoGradientWarning]
+    assert no_grad.startswith("8 of the 16 trainable tensors")
+
+
 @given(calls=st.lists(st.booleans(), min_size=1, max_size=6))
 def test_exactly_the_modules_never_called_are_named(calls):
     torch.manual_seed(0)
@@ -222,6 +236,24 @@ def test_reentrant_checkpointing_is_not_a_partial_backward():
     delta = dh.attach(model, dh.LoRA(targets=nn.Linear, r=2))
     assert recorded(lambda: train_step(model)) == {}  # the nested backward ends first
     assert not delta._watch.grad_pending
+
+
+def test_a_functional_call_is_checked_on_the_tensors_it_was_given():
+    torch.manual_seed(0)
+    model = Calls([True, True])
+    dh.attach(model, dh.LoRA(targets=nn.Linear, r=2))
+    given = {
+        name: tensor.detach().clone().requires_grad_()
+        for name, tensor in model.named_parameters()
+        if ".dh__" in name
+    }
+
+    def step() -> None:
+        x = torch.randn(3, WIDTH)
+        torch.func.functional_call(model, given, (x,)).pow(2).mean().backward()
+
+    assert recorded(step) == {}
+    assert all(tensor.grad is not None for tensor in given.values())
 
 
 # --------------------------------------------------------------------------- detach
