@@ -32,7 +32,7 @@ from torch import nn
 from .distributed import _dtensor_class
 from .errors import DeadSiteWarning, NoGradientWarning, warn
 from .ledger import HookEntry, Ledger
-from .sites import Switch
+from .sites import InputHook, OutputHook, Switch
 
 SHOWN = 3  # paths named in a warning before "and N more"
 
@@ -45,7 +45,10 @@ def listed(paths: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------- dead sites
-ACTS_ON = {"OutputHook": "output", "InputHook": "input", "RootCallHook": "call"}
+def _acts_on(hook: object) -> str:
+    if isinstance(hook, OutputHook):
+        return "output"
+    return "input" if isinstance(hook, InputHook) else "call"
 
 
 def unentered(parts: Iterable, specs: tuple) -> list[tuple[str, str, str]]:
@@ -58,7 +61,7 @@ def unentered(parts: Iterable, specs: tuple) -> list[tuple[str, str, str]]:
         for entry in part.installed:
             hook = getattr(entry, "hook", None)
             if entry.path and hasattr(hook, "entered") and not hook.entered:
-                found.append((entry.path, method, ACTS_ON.get(type(hook).__name__, "call")))
+                found.append((entry.path, method, _acts_on(hook)))
     return list(dict.fromkeys(found))
 
 
@@ -82,15 +85,16 @@ def dead_site_message(name: str, root: nn.Module, dead: list[tuple[str, str, str
         f"module{'s' if len(paths) > 1 else ''})"
         for (method, kind, acts_on), paths in groups.items()
     )
-    example = dead[0][0]
+    weighted = [path for path, _, _ in dead if "weight" in root.get_submodule(path)._parameters]
+    example = f" (e.g. dh.LoRA(targets=[{weighted[0] + '.weight'!r}]))" if weighted else ""
     return (
         f"delta {name!r} acts through hooks on modules that the model's first forward never "
         f"called: {described}. Their parent reads their weights directly (e.g. "
         "F.linear(x, self.child.weight)) or skips them, so the delta does nothing there and "
         "its tensors there get no gradient. Target modules that are called, or use a method "
-        f"that acts through the weight (e.g. dh.LoRA(targets=[{example + '.weight'!r}])). "
-        "Modules called only for some inputs (MoE experts that no token was routed to, a "
-        "branch taken in training only) are expected here: then ignore this warning"
+        f"that acts through the weight{example}. Modules called only for some inputs (MoE "
+        "experts that no token was routed to, a branch taken in training only) are expected "
+        "here: then ignore this warning"
     )
 
 
@@ -123,10 +127,11 @@ def _runs_grad_only(tensor: torch.Tensor) -> bool:
 
 
 def no_gradient_message(name: str, missing: list[str], trainable: int) -> str:
+    tensors = f"{trainable} trainable tensors of delta {name!r}"
     if len(missing) == trainable:
-        head = f"none of the {trainable} trainable tensors of delta {name!r} received a gradient"
+        head = f"none of the {tensors} received a gradient"
     else:
-        head = f"{len(missing)} of the {trainable} trainable tensors of delta {name!r} received no gradient"
+        head = f"{len(missing)} of the {tensors} received no gradient"
     return (
         f"{head} in the first backward through the model's output: "
         f"{listed(missing)}. The loss does not depend on them: their modules were not called "
@@ -134,7 +139,7 @@ def no_gradient_message(name: str, missing: list[str], trainable: int) -> str:
         "its input (an op without a backward, a tensor detached or computed under no_grad, a "
         "quantized layer switched to an inference-only kernel). Tensors of modules unused for "
         "this batch (MoE experts no token reached) are expected here. Frozen tensors "
-        "(requires_grad=False) and disabled or merged deltas are not checked"
+        "(requires_grad=False) and disabled, unrouted or merged deltas are not checked"
     )
 
 
