@@ -149,7 +149,7 @@ class Watch:
     stays valid).
 
     ``pause`` takes the hook away (a merged delta computes through the weights alone and
-    keeps only its guard hook); ``resume`` puts it back while a check is not settled.
+    keeps only its guard hook); ``resume`` puts it back.
     """
 
     def __init__(
@@ -168,7 +168,7 @@ class Watch:
         self.entry: HookEntry | None = None
 
     def resume(self) -> None:
-        if (self.dead_pending or self.grad_pending) and self.entry is None:
+        if self.entry is None:  # settled or not: unmerge gives back the hooks merge took
             self.entry = self.ledger.forward_hook("", self)
 
     def pause(self) -> None:
