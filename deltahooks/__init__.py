@@ -12,10 +12,12 @@ from .attach import attach, deltas, detach, set_active
 from .combine import combine
 from .delta import Delta
 from .errors import (
+    DeadSiteWarning,
     DeltaError,
     DeltaFileError,
     DeltaStateError,
     DeltaWarning,
+    NoGradientWarning,
     SpecError,
     TargetError,
     UnsupportedModuleError,
@@ -63,6 +65,7 @@ __all__ = [
     "Adapter",
     "BitFit",
     "Compacter",
+    "DeadSiteWarning",
     "Delta",
     "DeltaError",
     "DeltaFileError",
@@ -77,6 +80,7 @@ __all__ = [
     "LoKr",
     "LoRA",
     "LowRankAdapter",
+    "NoGradientWarning",
     "OutputSite",
     "ParallelAdapter",
     "Part",

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import liveness
 from .delta import Delta, teardown
 from .errors import DeltaStateError, SpecError
 from .ledger import Ledger, join
+from .quantized_training import keep_trainable_layout
 from .registry import open_registry, registries_under
 from .sites import Switch
 from .spec import (
@@ -278,7 +280,11 @@ def attach(
             shared_by_spec.append(entries)
         for part in built.parts:
             part.install(ledger, switch, shared_by_spec[part.spec_index])
-        delta = Delta(model, name, specs, built.parts, shared_entries, ledger, switch, freeze_base)
+        keep_trainable_layout(ledger)
+        watch = liveness.watch(ledger, switch, name, built.parts, specs, shared_entries)
+        delta = Delta(
+            model, name, specs, built.parts, shared_entries, ledger, switch, freeze_base, watch
+        )
         registry.deltas[name] = delta
         if freeze_base:
             registry.freeze_base(model, name)

@@ -30,6 +30,8 @@ from .spec import DeltaSpec, Part
 if TYPE_CHECKING:
     from os import PathLike
 
+    from .liveness import Watch
+
 
 class LoadResult(NamedTuple):
     missing_keys: list[str]
@@ -79,6 +81,7 @@ class Delta(nn.Module):
         ledger: Ledger,
         switch: Switch,
         freeze_base: bool,
+        watch: Watch | None = None,
     ) -> None:
         super().__init__()
         # plain attributes (not submodules): the model must not become our child
@@ -89,6 +92,7 @@ class Delta(nn.Module):
         state["_parts"] = parts
         state["_shared"] = shared
         state["_freeze_base"] = freeze_base
+        state["_watch"] = watch  # the liveness checks (deltahooks.liveness), until settled
         state["_attached"] = True
         state["name"] = name
         state["specs"] = specs
@@ -371,6 +375,8 @@ class Delta(nn.Module):
         self._set(merged=True)
         for part in self._parts:  # then the sites go: the weights alone compute the delta
             part.remove_sites(self._ledger)
+        if self._watch is not None:  # and the liveness checks (resumed on unmerge)
+            self._watch.pause()
         self.__dict__["_guard"] = self._ledger.forward_pre_hook("", MergedGuard(self._switch))
 
     def redirects(self, path: str, attr: str) -> bool:
@@ -415,6 +421,8 @@ class Delta(nn.Module):
             part.unmerge(self._ledger)
         for part in self._parts:
             part.install_sites(self._ledger, self._switch)
+        if self._watch is not None:
+            self._watch.resume()
         self._set(merged=False)
 
     def enable(self) -> None:

@@ -44,12 +44,33 @@ class DeltaWarning(UserWarning):
     """Something works but is probably not what was meant (e.g. a LoRA rank above full rank)."""
 
 
+class DeadSiteWarning(DeltaWarning):
+    """A delta acts through a hook on a module that the model's forward never called, so
+    that part of it does nothing (its parent reads the module's weight directly, or skips it)."""
+
+
+class NoGradientWarning(DeltaWarning):
+    """A backward through the model's output gave some trainable delta tensors no gradient."""
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def _internal(frame, prefixes: tuple[str, ...]) -> bool:
+    return os.path.abspath(frame.f_code.co_filename).startswith(prefixes)
+
+
 def warn(message: str, category: type[Warning] = DeltaWarning) -> None:
-    """Warn with the location of the user's call, not of deltahooks' internals."""
+    """Warn with the location of the user's call, not of deltahooks' internals (nor of
+    torch's, for a warning raised from a hook that torch called)."""
+    prefixes = (_PACKAGE_DIR,)
+    try:
+        import torch
+
+        prefixes += (os.path.dirname(os.path.abspath(torch.__file__)),)
+    except ImportError:  # pragma: no cover - deltahooks needs torch
+        pass
     frame, level = sys._getframe(1), 2  # level 1 is this function
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    while frame is not None and _internal(frame, prefixes):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -65,6 +65,7 @@ class TensorEntry:
 class HookEntry:
     path: str
     handle: RemovableHandle
+    hook: object = None  # the hook itself, for code that reads what it recorded
 
 
 @dataclass
@@ -151,13 +152,13 @@ class Ledger:
 
     def forward_hook(self, path: str, hook, **options) -> HookEntry:
         handle = self.module(path).register_forward_hook(hook, **options)
-        entry = HookEntry(path, handle)
+        entry = HookEntry(path, handle, hook)
         self.entries.append(entry)
         return entry
 
     def forward_pre_hook(self, path: str, hook, **options) -> HookEntry:
         handle = self.module(path).register_forward_pre_hook(hook, **options)
-        entry = HookEntry(path, handle)
+        entry = HookEntry(path, handle, hook)
         self.entries.append(entry)
         return entry
 

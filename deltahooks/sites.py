@@ -306,7 +306,7 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
 class OutputHook:
     """The forward hook of an :class:`OutputSite` (registered ``with_kwargs``)."""
 
-    __slots__ = ("fn", "hook_id", "in_place", "source", "switch")
+    __slots__ = ("entered", "fn", "hook_id", "in_place", "source", "switch")
 
     def __init__(self, site: OutputSite, switch: Switch, source: TensorSource) -> None:
         self.fn = site.fn
@@ -314,11 +314,14 @@ class OutputHook:
         self.switch = switch
         self.source = source
         self.hook_id = -1
+        self.entered = False  # the module was called (eager): deltahooks.liveness reads it
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         compiling = torch.compiler.is_compiling()
-        if not compiling and not self.switch.active:
-            return None
+        if not compiling:
+            self.entered = True
+            if not self.switch.active:
+                return None
         tensors = self.source.gather(module)
         y = first_tensor(output)
         if y is None:
@@ -360,17 +363,20 @@ class OutputHook:
 class InputHook:
     """The forward pre-hook of an :class:`InputSite` (registered ``with_kwargs``)."""
 
-    __slots__ = ("fn", "source", "switch")
+    __slots__ = ("entered", "fn", "source", "switch")
 
     def __init__(self, site: InputSite, switch: Switch, source: TensorSource) -> None:
         self.fn = site.fn
         self.switch = switch
         self.source = source
+        self.entered = False  # as OutputHook.entered
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         compiling = torch.compiler.is_compiling()
-        if not compiling and not self.switch.active:
-            return None
+        if not compiling:
+            self.entered = True
+            if not self.switch.active:
+                return None
         tensors = self.source.gather(module)
         if args:
             first, rest = args[0], None
@@ -409,7 +415,7 @@ class RootCallHook:
     module may be another one (the root, for a part on a submodule).
     """
 
-    __slots__ = ("fn", "owner", "source", "switch")
+    __slots__ = ("entered", "fn", "owner", "source", "switch")
 
     def __init__(
         self, site: RootCallSite, switch: Switch, source: TensorSource, owner: nn.Module
@@ -418,8 +424,11 @@ class RootCallHook:
         self.switch = switch
         self.source = source
         self.owner = owner
+        self.entered = False  # as OutputHook.entered
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not torch.compiler.is_compiling():
+            self.entered = True
         if not self.switch.active:
             return None
         tensors = self.source.gather(self.owner)

@@ -104,9 +104,10 @@ def checkpoint(tmp_path_factory):
 def load_quantized(checkpoint: str, bits: int) -> nn.Module:
     """A fresh tiny Llama with bitsandbytes layers: NF4 (compute float32) or int8.
 
-    It stays in training mode: on CPU, bitsandbytes repacks 4-bit weights for inference at
-    the first eval forward whose input needs no gradient, after which the layer passes no
-    gradient to its input (its own limitation, PEFT's QLoRA hits it too).
+    It stays in training mode: on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights
+    for inference at the first eval forward whose input needs no gradient, after which the
+    layer passes no gradient to its input (PEFT's QLoRA hits it; a deltahooks delta turns it
+    off while attached, see test_an_eval_forward_before_training_keeps_every_nf4_gradient).
     """
     pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
@@ -202,6 +203,72 @@ def test_merge_on_bitsandbytes_is_refused_and_detach_leaves_the_packed_weights(c
     for name, tensor in model.named_parameters():
         if name in packed:
             assert torch.equal(tensor, packed[name]), name
+
+
+def _as_on_an_avx512_bf16_cpu(model: nn.Module) -> list[nn.Module]:
+    """The model's 4-bit layers with bitsandbytes' CPU inference repacking switched on, as it
+    is on a CPU with AVX512-BF16 (its kernel then has no backward; elsewhere the repacked
+    weights still compute through a general path, in bfloat16 scales)."""
+    layers = [m for m in model.modules() if "support_avx512bf16_for_cpu" in m.__dict__]
+    assert len(layers) == 14  # 7 per decoder layer
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    return layers
+
+
+def _repacked(layer: nn.Module) -> bool:
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def _evaluate(model: nn.Module) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    model.train()
+
+
+def test_an_eval_forward_before_training_keeps_every_nf4_gradient(checkpoint):
+    """One no_grad eval forward before training must not cut the gradients: bitsandbytes
+    would repack every 4-bit layer for inference for good, and no gradient would reach the
+    LoRA tensors behind them (q_proj and v_proj all sit before an o_proj)."""
+    reference = load_quantized(checkpoint, 4)  # never evaluated: trains as it should
+    expected = dh.attach(reference, dh.LoRA(targets=["q_proj", "v_proj"], r=4, init="random"))
+    reference(input_ids=IDS, labels=IDS).loss.backward()
+
+    model = load_quantized(checkpoint, 4)
+    layers = _as_on_an_avx512_bf16_cpu(model)
+    before = snapshot(model)
+    delta = dh.attach(model, dh.LoRA(targets=["q_proj", "v_proj"], r=4))
+    delta.load_state_dict(expected.state_dict())
+    _evaluate(model)
+    assert not any(_repacked(layer) for layer in layers)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    wanted = dict(expected.named_parameters())
+    for key, tensor in delta.named_parameters():
+        assert tensor.grad is not None, key
+        torch.testing.assert_close(tensor.grad, wanted[key].grad, atol=1e-6, rtol=1e-5)
+    delta.detach()
+    assert all(layer.support_avx512bf16_for_cpu is True for layer in layers)
+    assert_restored(model, before)
+    _evaluate(model)  # detached: bitsandbytes repacks as it would without deltahooks
+    assert all(_repacked(layer) for layer in layers)
+
+
+def test_layers_repacked_before_attach_get_the_trainable_layout_back(checkpoint):
+    """An eval forward before attach has repacked the layers already (rounding their scales
+    to bfloat16 for good: the base is no longer the checkpoint); attach unpacks them, so the
+    LoRA tensors behind them get gradients."""
+    model = load_quantized(checkpoint, 4)
+    layers = _as_on_an_avx512_bf16_cpu(model)
+    _evaluate(model)
+    assert all(_repacked(layer) for layer in layers)  # what bitsandbytes does by itself
+    delta = dh.attach(model, dh.LoRA(targets=["q_proj", "v_proj"], r=4, init="random"))
+    assert not any(_repacked(layer) for layer in layers)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    for key, tensor in delta.named_parameters():
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0, key
+    delta.detach()
+    assert all(layer.support_avx512bf16_for_cpu is True for layer in layers)
 
 
 WEIGHT_READERS = [
