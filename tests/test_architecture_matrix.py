@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -266,18 +267,28 @@ def test_cell(arch, method, tmp_path):
     params = dict(delta.named_parameters())
     assert params, "the delta has no trainable tensors"
     start = {name: p.detach().clone() for name, p in params.items()}
-    train(model, inputs, list(params.values()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", dh.DeltaWarning)
+        train(model, inputs, list(params.values()))
+    liveness_warnings = " ".join(
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, (dh.DeadSiteWarning, dh.NoGradientWarning))
+    )
 
     # only delta tensors change, every one of them does, and the delta acts
     state = model.state_dict()
     for key in before.keys:
         assert torch.equal(state[key], before.values[key]), f"base tensor {key} changed"
+    # a tensor may stay as it was only on a module the model never uses, and deltahooks must
+    # then have said so
     unused = unused_modules(arch)
-    frozen = [
-        n
-        for n, p in params.items()
-        if torch.equal(p.detach(), start[n]) and n.rpartition(".")[0] not in unused
-    ]
+    frozen = [n for n, p in params.items() if torch.equal(p.detach(), start[n])]
+    for name in frozen:
+        module = name.rpartition(".")[0]
+        if module in unused:
+            assert module in liveness_warnings, f"no DeadSite/NoGradient warning names {module!r}"
+    frozen = [n for n in frozen if n.rpartition(".")[0] not in unused]
     assert not frozen, f"delta tensors that training did not change: {frozen}"
     trained = outputs(model, inputs)
     moved = trained.shape != base.shape or (trained - base).abs().max() > 1e-5 * base.abs().max()
