@@ -33,9 +33,15 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from functools import lru_cache
+from functools import cache
 
+import torch
 from torch import nn
+
+from .errors import UnsupportedModuleError
+from .layers import quantized_weight
+from .ledger import join
+from .merging import stored
 
 TENSORS = ("weight", "bias")
 # attributes of a tensor that describe it without reading its values
@@ -121,7 +127,7 @@ class _Reads(ast.NodeVisitor):
         self.generic_visit(node)
 
 
-@lru_cache(maxsize=None)
+@cache
 def class_reads(cls: type) -> frozenset[tuple[str, str]]:
     """``{(child name, "weight" | "bias")}`` that ``cls``'s forward reads as values.
 
@@ -194,5 +200,53 @@ def reads_directly(root: nn.Module, path: str) -> bool:
     return bool(direct_reads(root, path))
 
 
-WHY = "via weight (its weight is read directly, not through a call)"
+WHY = "via weight (the model reads this layer's weight directly)"
 """What a summary says of a part that acts through a weight site for this reason."""
+
+
+def needs_weight_site(method: str, path: str, module: nn.Module, root: nn.Module) -> bool:
+    """Whether a method that acts on ``module``'s output must act on its tensors instead,
+    because an ancestor reads them without calling it (:func:`direct_reads`).
+
+    A quantized layer read that way cannot take a weight site (its weight is packed
+    integers): :class:`~deltahooks.UnsupportedModuleError` says so.
+
+    Example:
+        >>> import torch
+        >>> needs_weight_site("LoRA", "out_proj", torch.nn.MultiheadAttention(8, 2).out_proj,
+        ...                   torch.nn.MultiheadAttention(8, 2))
+        True
+    """
+    if not reads_directly(root, path):
+        return False
+    stored_as = quantized_weight(module)
+    if stored_as is not None:
+        raise UnsupportedModuleError(
+            f"{method} cannot adapt {path!r} ({type(module).__name__}): the model reads its "
+            f"weight directly instead of calling it, so the update must go into the weight, "
+            f"and the layer has {stored_as}; exclude it from targets"
+        )
+    return True
+
+
+def merged_by_sites(sites, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    """A part's merge when its weight sites are its math: each site's function applied to
+    the stored tensor, in at least float32, cast back (``{site attr: new value}``).
+
+    ``tensors`` are the part's live tensors by name relative to ``module``; a dotted site
+    attr (``"out_proj.weight"``) names a submodule's tensor and its tensors there.
+    """
+    values = {}
+    for site in sites:
+        child, _, attr = site.attr.rpartition(".")
+        owner = module.get_submodule(child) if child else module
+        current = stored(owner, attr)
+        exact = torch.promote_types(current.dtype, torch.float32)
+        args = tuple(
+            (tensors[join(child, name)] if join(child, name) in tensors else tensors[name]).to(
+                exact
+            )
+            for name in site.tensors
+        )
+        values[site.attr] = site.fn(current.to(exact), args).to(current.dtype)
+    return values
