@@ -200,7 +200,7 @@ def reads_directly(root: nn.Module, path: str) -> bool:
     return bool(direct_reads(root, path))
 
 
-WHY = "via weight (the model reads this layer's weight directly)"
+WHY = "via weight (the model reads this layer's tensors without calling it)"
 """What a summary says of a part that acts through a weight site for this reason."""
 
 

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..direct_reads import WHY, merged_by_sites, needs_weight_site
 from ..errors import UnsupportedModuleError
 from ..layers import (
     CONV,
@@ -26,10 +27,11 @@ from ..layers import (
     kind_of,
     widths,
 )
+from ..ledger import is_reserved
 from ..merging import stored
-from ..sites import OutputSite
+from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
-from ..targets import Target
+from ..targets import ParameterPath, Target
 
 KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV, NORM)
 
@@ -38,9 +40,43 @@ def has_bias(module: nn.Module) -> bool:
     return isinstance(getattr(module, "bias", None), torch.Tensor)
 
 
+def is_bias_name(name: str) -> bool:
+    """A parameter named as a bias: ``bias``, ``in_proj_bias``, ``bias_k``, ..."""
+    return "bias" in name.split("_")
+
+
+def own_biases(module: nn.Module) -> list[str]:
+    """The bias Parameters of a module no layer kind describes (``nn.MultiheadAttention``'s
+    ``in_proj_bias``, a custom module's ``bias``), by name; one that is the same tensor as a
+    bias of a layer inside it (a head that ties its ``bias`` to its decoder's) is that
+    layer's, and left out.
+
+    Example:
+        >>> own_biases(torch.nn.MultiheadAttention(8, 2))
+        ['in_proj_bias']
+    """
+    if kind_of(module) in KINDS:
+        return []
+    inner = {
+        id(layer.bias)
+        for layer in module.modules()
+        if layer is not module and kind_of(layer) in KINDS and has_bias(layer)
+    }
+    return [
+        name
+        for name, tensor in module._parameters.items()
+        if tensor is not None
+        and is_bias_name(name)
+        and not is_reserved(name)
+        and tensor.is_floating_point()
+        and id(tensor) not in inner
+    ]
+
+
 def layers_with_a_bias(path: str, module: nn.Module) -> bool:
-    """BitFit's default targets: every layer of a known kind that has a bias (the paper's)."""
-    return kind_of(module) in KINDS and has_bias(module)
+    """BitFit's default targets: every bias the model has (the paper's): the layers of a
+    known kind that have one, and the modules that hold bias Parameters of their own."""
+    return (kind_of(module) in KINDS and has_bias(module)) or bool(own_biases(module))
 
 
 layers_with_a_bias.no_match_hint = (
@@ -94,6 +130,7 @@ class BitFit(DeltaSpec):
     """
 
     method = "bitfit"
+    parameter_targets = True
     targets: Target = layers_with_a_bias
 
     def reads_weight(self, path: str, module: nn.Module) -> bool:
@@ -101,12 +138,22 @@ class BitFit(DeltaSpec):
         return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
+        if isinstance(path, ParameterPath):
+            tensor = stored(module, path.name)
+            if not tensor.is_floating_point():
+                raise UnsupportedModuleError(
+                    f"BitFit cannot train parameter {path!r} ({tensor.dtype}): it is not "
+                    "floating point; target a bias"
+                )
+            return
         if kind_of(module) not in KINDS:
+            if own_biases(module):
+                return
             raise UnsupportedModuleError(
                 f"BitFit cannot add a bias to {path or '<root>'!r} ({type(module).__name__}); "
-                "it supports nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d and "
-                "normalisation layers. Narrow targets (e.g. exclude=...) or target the layers "
-                "inside it"
+                "it supports nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d, "
+                "normalisation layers and modules with bias Parameters of their own. Narrow "
+                "targets (e.g. exclude=...) or target the layers inside it"
             )
         width = widths(module)[1]
         if has_bias(module) and tuple(module.bias.shape) != (width,):
@@ -118,7 +165,21 @@ class BitFit(DeltaSpec):
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
+        if isinstance(path, ParameterPath):  # one named tensor, e.g. "self_attn.in_proj_bias"
+            return self._tensor_part(path.module_path, module, [path.name], device, path)
+        if kind_of(module) not in KINDS:  # its own bias Parameters
+            return self._tensor_part(path, module, own_biases(module), device)
+        direct = needs_weight_site("BitFit", path, module, root)
+        if direct and not has_bias(module):
+            raise UnsupportedModuleError(
+                f"BitFit cannot add a bias to {path!r} ({type(module).__name__}): the model "
+                "reads its weight directly instead of calling it, so an added bias would not "
+                "act, and it has no bias of its own to train; exclude it from targets"
+            )
         bias = torch.zeros(widths(module)[1], **tensor_options(module, device))
+        if direct:  # the model reads the bias without calling the layer: train it in place
+            site = WeightSite(add_to_tensor, "bias", ("bitfit_bias",))
+            return Part(path, {"bitfit_bias": bias}, [site], merge=merged_bias, note=WHY)
         # a norm layer of a model's own making may keep its output for backward: never
         # write into it; the other kinds never do
         in_place = kind_of(module) != NORM
@@ -140,6 +201,30 @@ class BitFit(DeltaSpec):
                 "the base model"
             ),
         )
+
+    def _tensor_part(self, path, module, names, device, target=None) -> Part:
+        """``b + Δb`` through a weight site on each named bias Parameter of ``module``."""
+        tensors, sites = {}, []
+        for name in names:
+            current = stored(module, name)
+            like = {"device": current.device if device is None else device}
+            tensors[f"{name}.bitfit_bias"] = torch.zeros_like(current, **like)
+            sites.append(WeightSite(add_to_tensor, name, (f"{name}.bitfit_bias",)))
+        note = f"via {', '.join(names)}"
+        return Part(
+            path,
+            tensors,
+            sites,
+            merge=partial(merged_by_sites, sites),
+            target=target,
+            note=note,
+        )
+
+
+def add_to_tensor(tensor: torch.Tensor, tensors) -> torch.Tensor:
+    """``b + Δb``: the weight site of a bias read in place."""
+    (delta,) = tensors
+    return tensor + delta
 
 
 def add_bias(dim: int, module: nn.Module, x, y, tensors, writable):
