@@ -331,3 +331,51 @@ def test_lora_on_multihead_attention_equals_updated_projections():
         attn.in_proj_weight += 2 * state["attn.lora_B"] @ state["attn.lora_A"]
         attn.out_proj.weight += 2 * state["attn.out_proj.lora_B"] @ state["attn.out_proj.lora_A"]
     torch.testing.assert_close(evaluate(model, inputs), evaluate(reference, inputs))
+
+
+# ------------------------------------------------------------- PEFT's MHA layout
+def test_lora_on_multihead_attention_exports_in_peft_layout(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, _ = seeded(attention)
+    fresh = copy.deepcopy(model)
+    delta = dh.attach(model, dh.LoRA(targets=nn.MultiheadAttention, r=4))
+    perturb(delta)
+    with pytest.warns(dh.DeltaWarning, match="huggingface/peft#3774"):
+        delta.save_peft(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path)  # no missing/unexpected keys
+    layer = loaded.base_model.model.attn
+    state = delta.state_dict()
+    mine = {
+        "in": 2 * state["attn.lora_B"] @ state["attn.lora_A"],
+        "out": 2 * state["attn.out_proj.lora_B"] @ state["attn.out_proj.lora_A"],
+    }
+    torch.testing.assert_close(layer.get_delta_weight("default"), mine["in"])
+    out = layer.get_base_layer().out_proj.get_delta_weight("default")
+    torch.testing.assert_close(out, mine["out"])
+
+
+def test_lora_on_multihead_attention_imports_from_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, inputs = seeded(attention)
+    fresh, reference = copy.deepcopy(model), copy.deepcopy(model)
+    config = peft.LoraConfig(target_modules=["attn"], r=4, lora_alpha=8, init_lora_weights=False)
+    adapted = peft.get_peft_model(model, config)
+    adapted.save_pretrained(tmp_path)
+    with pytest.warns(dh.DeltaWarning, match="huggingface/peft#3774"):
+        delta = dh.load_peft(fresh, tmp_path)
+    assert sorted(delta.state_dict()) == sorted(
+        ["attn.lora_A", "attn.lora_B", "attn.out_proj.lora_A", "attn.out_proj.lora_B"]
+    )
+    layer = adapted.base_model.model.attn
+    with torch.no_grad():  # W + ΔW once, on both projections
+        reference.attn.in_proj_weight += layer.get_delta_weight("default")
+        out_proj = layer.get_base_layer().out_proj
+        reference.attn.out_proj.weight += out_proj.get_delta_weight("default")
+    torch.testing.assert_close(evaluate(fresh, inputs), evaluate(reference, inputs))
+
+
+def test_separate_projections_have_no_peft_form(tmp_path):
+    model, _ = seeded(attention_separate_projections)
+    delta = dh.attach(model, dh.LoRA(targets=nn.MultiheadAttention, r=4))
+    with pytest.raises(dh.UnsupportedOperationError, match="separate query/key/value"):
+        delta.save_peft(tmp_path)
