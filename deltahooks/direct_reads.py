@@ -213,8 +213,8 @@ def needs_weight_site(method: str, path: str, module: nn.Module, root: nn.Module
 
     Example:
         >>> import torch
-        >>> needs_weight_site("LoRA", "out_proj", torch.nn.MultiheadAttention(8, 2).out_proj,
-        ...                   torch.nn.MultiheadAttention(8, 2))
+        >>> attention = torch.nn.MultiheadAttention(8, 2)
+        >>> needs_weight_site("LoRA", "out_proj", attention.out_proj, attention)
         True
     """
     if not reads_directly(root, path):

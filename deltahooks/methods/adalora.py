@@ -70,6 +70,13 @@ class AdaLoRA(DeltaSpec):
     their ``init_r`` shape (a pruned triplet is a zero in ``Λ``), and ``delta.merge()``
     folds ``s · P diag(Λ) Q`` into the weight.
 
+    A layer the model reads without calling it (its parent's ``forward`` reads
+    ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
+    ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
+    the same update through a weight site instead, ``W ← W + s · P diag(Λ) Q``, so it acts
+    however the weight is read; ``dh.summary`` marks such parts "via weight". ``dropout``
+    does not apply there (a warning says so).
+
     Args:
         targets: which layers get an update, in the target syntax of
             :func:`deltahooks.attach`. Required. PEFT: ``target_modules``. Each must be an

@@ -1,6 +1,8 @@
 """BitFit (Ben Zaken et al., 2021): train bias terms only, ``y = f(x) + Δb``.
 
-An output site adds a zero-initialised ``Δb`` along the output's channel dimension. A
+An output site adds a zero-initialised ``Δb`` along the output's channel dimension; a
+bias Parameter of a module that is no layer (``in_proj_bias``), or of a layer the model
+reads without calling it, gets ``b + Δb`` through a weight site instead. A
 layer with a bias merges ``Δb`` into it; a layer without one gets its bias from the
 delta alone (the base module gains no attribute), so it cannot merge: folding it in
 would add a tensor to the base model.
@@ -103,16 +105,28 @@ class BitFit(DeltaSpec):
     to the base model. PEFT has no BitFit. BitFit has no hyperparameters; its arguments
     are keyword-only.
 
+    A layer the model reads without calling it (its parent's ``forward`` reads
+    ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
+    ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
+    the same update through a weight site instead, ``b ← b + Δb``, so it acts however the
+    weight is read; ``dh.summary`` marks such parts "via weight". Such a layer without a
+    bias of its own is refused (an added bias would not act).
+
     Args:
         targets: which layers get a trained bias, in the target syntax of
             :func:`deltahooks.attach` (name suffix, glob, ``"re:"`` regex,
             ``"all-linear"``, module class, callable, ``dh.Paths``, or a list of these).
             Each must be an ``nn.Linear``, transformers' GPT-2 ``Conv1D``,
             ``nn.Embedding``, ``nn.Conv1d/2d/3d`` or a normalisation layer (a module
-            named ``*Norm*`` with a 1-D weight); any other module raises
-            :class:`deltahooks.UnsupportedModuleError` at attach. Default: every such
-            layer that **has** a bias, which is the paper's BitFit (all bias terms,
-            layer-norm shifts included) and trains no new ones; on a model without
+            named ``*Norm*`` with a 1-D weight), or a module that holds bias Parameters
+            of its own (named ``bias``, ``*_bias`` or ``bias_*``, e.g.
+            ``nn.MultiheadAttention.in_proj_bias``: each trains as ``b + Δb`` through a
+            weight site), or such a Parameter by its path (``"self_attn.in_proj_bias"``);
+            any other module raises :class:`deltahooks.UnsupportedModuleError` at attach.
+            Default: every bias the model has — each such layer that **has** a bias and
+            every module's own bias Parameters (one tied to a layer inside the module
+            counts once) — which is the paper's BitFit (all bias terms, layer-norm shifts
+            included) and trains no new ones; on a model without
             biases (Llama, T5) the default matches nothing and attach raises
             :class:`deltahooks.TargetError` saying to name targets, e.g.
             ``targets="all-linear"``. OpenDelta's default picks the attention,
@@ -140,10 +154,11 @@ class BitFit(DeltaSpec):
     def check_module(self, path: str, module: nn.Module) -> None:
         if isinstance(path, ParameterPath):
             tensor = stored(module, path.name)
-            if not tensor.is_floating_point():
+            if not (is_bias_name(path.name) and tensor.is_floating_point()):
                 raise UnsupportedModuleError(
-                    f"BitFit cannot train parameter {path!r} ({tensor.dtype}): it is not "
-                    "floating point; target a bias"
+                    f"BitFit trains biases, and parameter {path!r} ({tensor.dtype}) is not a "
+                    "floating bias; target a bias Parameter (a name such as 'bias', "
+                    "'in_proj_bias') or the layer that owns it"
                 )
             return
         if kind_of(module) not in KINDS:

@@ -56,6 +56,13 @@ class IA3(DeltaSpec):
     ``(1, in)`` or ``(1, C, 1, 1)``. Every argument is keyword-only and checked when the
     spec is created: a bad value raises :class:`deltahooks.SpecError` at once.
 
+    A layer the model reads without calling it (its parent's ``forward`` reads
+    ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
+    ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
+    the same update through a weight site instead, ``W ← W scaled by rows (and b ← l ⊙ b) or
+    by columns``, so it acts however the weight is read; ``dh.summary`` marks such parts
+    "via weight".
+
     Args:
         targets: which layers get a vector, in the target syntax of
             :func:`deltahooks.attach` (name suffix such as ``"k_proj"``, glob, ``"re:"``

@@ -45,6 +45,13 @@ class VeRA(DeltaSpec):
     tensor names and layouts are PEFT's ``VeraConfig``'s, and ``delta.merge()`` folds
     ``diag(λ_b) B diag(λ_d) A`` into the weight.
 
+    A layer the model reads without calling it (its parent's ``forward`` reads
+    ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
+    ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
+    the same update through a weight site instead, ``W ← W + diag(λ_b) B diag(λ_d) A``, so
+    it acts however the weight is read; ``dh.summary`` marks such parts "via weight".
+    ``dropout`` does not apply there (a warning says so).
+
     Args:
         targets: which layers get an update, in the target syntax of
             :func:`deltahooks.attach` (name suffix such as ``"q_proj"``, glob, ``"re:"``
