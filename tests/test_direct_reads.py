@@ -94,6 +94,11 @@ CASES = [
     ("encoder", dh.IA3(targets=["out_proj", "linear1", "linear2"], feedforward=["linear2"])),
     ("encoder", dh.VeRA(targets="all-linear", r=4)),
     ("encoder", dh.BitFit()),
+    # weight-site methods everywhere: they act on these layers as they are
+    ("mamba", dh.LoHa(targets=["dt_proj", "out_proj"], r=2)),
+    ("encoder", dh.LoKr(targets=["out_proj", "linear1"], r=2)),
+    ("encoder", dh.OFT(targets=["out_proj", "linear1"], block_size=4)),
+    ("encoder", dh.BOFT(targets=["out_proj", "linear1"], block_size=4)),
     ("attention", dh.LoRA(targets=nn.MultiheadAttention, r=4)),
     ("attention", dh.LoRA(targets=["out_proj"], r=4)),
     ("attention", dh.BitFit()),
