@@ -84,6 +84,7 @@ CASES = [
     ("mamba", dh.AdaLoRA(targets="all-linear", init_r=4, target_r=2, total_step=10)),
     ("mamba", dh.IA3(targets="all-linear")),
     ("mamba", dh.IA3(targets="all-linear", feedforward=["x_proj", "out_proj"])),
+    ("mamba", dh.IA3(targets=["conv1d", "dt_proj"], feedforward=["conv1d"])),
     ("mamba", dh.VeRA(targets="all-linear", r=4)),
     ("mamba", dh.BitFit()),
     ("encoder", dh.LoRA(targets="all-linear", r=4)),
