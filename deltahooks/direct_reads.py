@@ -85,7 +85,7 @@ def _method_source(cls: type, name: str) -> ast.AST | None:
         try:
             source = textwrap.dedent(inspect.getsource(function))
             return ast.parse(source)
-        except (OSError, TypeError, SyntaxError, IndentationError):
+        except (OSError, TypeError, ValueError, RuntimeError, SyntaxError):  # no source: no reads
             return None
     return None
 

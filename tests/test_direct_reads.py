@@ -160,6 +160,13 @@ def test_metadata_reads_do_not_count():
     assert direct_reads(model, "other") == {"weight"}
 
 
+def test_a_class_without_source_reads_nothing():
+    namespace: dict = {}
+    code = "import torch\nclass Made(torch.nn.Module):\n    def forward(self, x):\n"
+    exec(code + "        return x @ self.lin.weight\n", namespace)
+    assert class_reads(namespace["Made"]) == frozenset()
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "t5", "opt", "vit"])
 def test_no_layer_of_common_models_is_flagged(name):
     model, _ = MODELS[name]()
