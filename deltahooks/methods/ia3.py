@@ -59,8 +59,8 @@ class IA3(DeltaSpec):
     A layer the model reads without calling it (its parent's ``forward`` reads
     ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
     ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
-    the same update through a weight site instead, ``W ← W scaled by rows (and b ← l ⊙ b) or
-    by columns``, so it acts however the weight is read; ``dh.summary`` marks such parts
+    the same update through a weight site instead, ``W`` scaled by rows (and ``b ← l ⊙ b``) or
+    by columns, so it acts however the weight is read; ``dh.summary`` marks such parts
     "via weight".
 
     Args:

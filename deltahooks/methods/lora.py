@@ -67,8 +67,8 @@ class LoRA(DeltaSpec):
     A layer the model reads without calling it (its parent's ``forward`` reads
     ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
     ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
-    the same update through a weight site instead, ``W ← W + s · BA (DoRA: its rescaled
-    weight)``, so it acts however the weight is read; ``dh.summary`` marks such parts "via
+    the same update through a weight site instead, ``W ← W + s · BA`` (DoRA: its rescaled
+    weight), so it acts however the weight is read; ``dh.summary`` marks such parts "via
     weight". ``dropout`` does not apply there (a warning says so) and the PiSSA/OLoRA inits
     are refused. ``nn.MultiheadAttention`` is a target too: a pair on ``in_proj_weight`` (or
     on each of ``q/k/v_proj_weight``) and one on ``out_proj.weight``, as PEFT adapts it.
