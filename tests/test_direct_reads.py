@@ -95,6 +95,7 @@ CASES = [
     ("encoder", dh.IA3(targets=["out_proj", "linear1", "linear2"], feedforward=["linear2"])),
     ("encoder", dh.VeRA(targets="all-linear", r=4)),
     ("encoder", dh.BitFit()),
+    ("encoder", dh.BitFit(targets=["self_attn", "out_proj"])),
     # weight-site methods everywhere: they act on these layers as they are
     ("mamba", dh.LoHa(targets=["dt_proj", "out_proj"], r=2)),
     ("encoder", dh.LoKr(targets=["out_proj", "linear1"], r=2)),
