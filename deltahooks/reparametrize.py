@@ -43,6 +43,7 @@ class KeyBook:
         self.functions: dict[str, list[nn.Module]] = {}  # deltahooks' parametrizations
         self.handles: list = []
         self.class_owner = 0  # id() of the module its Parametrized class was made for
+        self.unsafe: dict[str, bool] = {}  # a chain's own flag, which torch ORs with ours
 
     def save_hook(self, module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
         """Rename ``parametrizations.<attr>.original`` back to ``<attr>``, in its old place."""
@@ -97,6 +98,8 @@ def add(module: nn.Module, attr: str, function: nn.Module) -> None:
     _own_class(module, book)
     book = book or KeyBook(module)
     was_parametrized = parametrize.is_parametrized(module, attr)
+    if was_parametrized and attr not in book.unsafe:  # the user's chain: keep its flag
+        book.unsafe[attr] = module.parametrizations[attr].unsafe
     parametrize.register_parametrization(module, attr, function, unsafe=True)
     container = module._modules["parametrizations"]
     if _BOOK not in container.__dict__:
@@ -129,6 +132,8 @@ def remove(module: nn.Module, attr: str, function: nn.Module) -> None:
             book.functions.pop(attr, None)
     if len(chain) > 1:
         del chain[index]
+        if book is not None and attr not in book.functions and attr in book.unsafe:
+            chain.unsafe = book.unsafe.pop(attr)
     else:
         parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         if book is not None:
@@ -156,3 +161,40 @@ def _reorder(store: dict, order: list[str]) -> None:
         if name in items:
             store[name] = items.pop(name)
     store.update(items)
+
+
+def foreign(module: nn.Module, attr: str) -> list[nn.Module]:
+    """The functions of ``module.<attr>``'s parametrization that deltahooks did not add (a
+    ``weight_norm``, a user's own), in chain order; empty when it is not parametrized.
+
+    Example:
+        >>> layer = nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))
+        >>> [type(f).__name__ for f in foreign(layer, "weight")]
+        ['_WeightNorm']
+    """
+    if not parametrize.is_parametrized(module, attr):
+        return []
+    book = _book(module)
+    owned = [] if book is None else book.functions.get(attr, [])
+    return [f for f in module.parametrizations[attr] if not any(f is o for o in owned)]
+
+
+def base_value(module: nn.Module, attr: str):
+    """``module.<attr>`` as the base model computes it: its own parametrizations applied
+    (a ``weight_norm``'s ``g · v / ‖v‖``), deltahooks' left out.
+
+    Example:
+        >>> layer = nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))
+        >>> bool((base_value(layer, "weight") == layer.weight).all())
+        True
+    """
+    chain = module.parametrizations[attr]
+    theirs = foreign(module, attr)
+    if chain.is_tensor:
+        value = chain.original
+    else:  # several originals (weight_norm's g and v): the first function, not ours, takes them
+        value = tuple(getattr(chain, f"original{i}") for i in range(chain.ntensors))
+    for function in chain:
+        if any(function is f for f in theirs):
+            value = function(*value) if isinstance(value, tuple) else function(value)
+    return value
