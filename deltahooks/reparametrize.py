@@ -11,6 +11,12 @@ in the module's own ``_parameters`` under its name (the same object as torch's
 ``<path>.parametrizations.weight.original``; attribute reads still go through the
 parametrization, whose class property comes first. Removing the last one restores the
 module's own parameter order too, so detach leaves ``_parameters`` as it found it.
+
+torch refuses to pickle a parametrized module (its injected class has no importable
+name). While deltahooks keeps a parametrization on a module, that class pickles the
+module by the class it was made from, the names of its parametrized tensors and its
+state; loading injects a class the way torch does and puts the state back, so
+``pickle``/``torch.save(model)`` give a working copy (see :func:`_rebuild`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from functools import partial
 
 from torch import nn
 from torch.nn.utils import parametrize
+
+from .errors import UnsupportedOperationError
 
 _BOOK = "_deltahooks_keys"
 
@@ -111,6 +119,7 @@ def add(module: nn.Module, attr: str, function: nn.Module) -> None:
             module.register_load_state_dict_pre_hook(partial(KeyBook.load_hook, book)),
         ]
     book.functions.setdefault(attr, []).append(function)
+    type(module).__reduce_ex__ = _reduce_parametrized
     if not was_parametrized:  # someone else's parametrization keeps torch's keys
         book.attrs.add(attr)
         original = container[attr].original
@@ -145,6 +154,8 @@ def remove(module: nn.Module, attr: str, function: nn.Module) -> None:
     if parametrize.is_parametrized(module, attr):  # a user's parametrization stays: its keys
         module._parameters.pop(attr, None)
     if not book.functions:  # deltahooks keeps no parametrization here any more
+        if parametrize.is_parametrized(module):  # the user's: torch's class, as it was
+            vars(type(module)).get("__reduce_ex__") and delattr(type(module), "__reduce_ex__")
         for handle in book.handles:
             handle.remove()
         book.handles = []
@@ -198,3 +209,35 @@ def base_value(module: nn.Module, attr: str):
         if any(function is f for f in theirs):
             value = function(*value) if isinstance(value, tuple) else function(value)
     return value
+
+
+def _reduce_parametrized(module: nn.Module, protocol: int):
+    """Pickle a module deltahooks parametrized: the class it was made from, the names of
+    its parametrized tensors, and its state as it is (torch's ``parametrizations``
+    container with every function and original, deltahooks' key book and hooks)."""
+    theirs = [type(f).__name__ for attr in module.parametrizations for f in foreign(module, attr)]
+    if theirs:
+        raise UnsupportedOperationError(
+            f"cannot pickle {type(module).__bases__[0].__name__} with a delta's weight site: "
+            f"the model's own parametrization of it ({', '.join(theirs)}) is one torch refuses "
+            "to pickle, with or without a delta. Save the delta with delta.save(path) and the "
+            "base with model.state_dict(), or detach the delta and remove that parametrization "
+            "first"
+        )
+    base = type(module).__bases__[0]
+    state = base.__getstate__(module)  # the injected class's own one refuses
+    return _rebuild, (base, tuple(module.parametrizations)), state
+
+
+def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
+    """An empty ``base`` module with a parametrized class like torch's: a subclass of
+    ``base`` with one property per parametrized tensor (torch's own injection, so the
+    properties behave exactly as ``register_parametrization`` makes them). Pickle then
+    puts the state back with ``nn.Module.__setstate__``.
+    """
+    module = base.__new__(base)
+    parametrize._inject_new_class(module)
+    for name in names:
+        parametrize._inject_property(module, name)
+    type(module).__reduce_ex__ = _reduce_parametrized
+    return module
