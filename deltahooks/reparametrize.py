@@ -21,6 +21,8 @@ state; loading injects a class the way torch does and puts the state back, so
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 from torch import nn
@@ -241,3 +243,34 @@ def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
         parametrize._inject_property(module, name)
     type(module).__reduce_ex__ = _reduce_parametrized
     return module
+
+
+@contextmanager
+def reads_without_side_effects(model: nn.Module) -> Iterator[None]:
+    """Hold the model's own parametrization functions in eval mode for the duration, so
+    that reading a weight while a delta is planned (its shape, its norm) does not advance
+    them: ``spectral_norm`` steps its power iteration, updating its ``_u``/``_v`` buffers,
+    whenever its weight is read in training mode. Their modes come back as they were.
+
+    Example:
+        >>> layer = nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3)).train()
+        >>> u = layer.parametrizations.weight[0]._u.clone()
+        >>> with reads_without_side_effects(layer):
+        ...     _ = layer.weight
+        >>> bool((layer.parametrizations.weight[0]._u == u).all()), layer.training
+        (True, True)
+    """
+    modes = []
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr in module.parametrizations:
+            for function in foreign(module, attr):
+                modes.extend((sub, sub.training) for sub in function.modules())
+    try:
+        for sub, _ in modes:
+            sub.training = False
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training

@@ -217,6 +217,18 @@ def test_a_delta_stacks_on_the_base_parametrization_and_detaches_exactly(
             assert torch.equal(model(x), base)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_attaching_in_train_mode_does_not_step_spectral_norm(method):
+    """A method reads the weight while it is planned (its shape, DoRA's norm); in train
+    mode spectral_norm would step its power iteration on each read, moving its buffers."""
+    make = METHODS[method][0]
+    model = build("linear", "spectral_norm", 8, 0).train()
+    before = snapshot(model)
+    dh.attach(model, make("default")).detach()
+    assert_restored(model, before)
+    assert model[0].parametrizations.weight[0].training
+
+
 @pytest.mark.parametrize("how", sorted(PARAMETRIZATIONS))
 @pytest.mark.parametrize(
     "spec",
