@@ -54,6 +54,7 @@ class KeyBook:
         self.handles: list = []
         self.class_owner = 0  # id() of the module its Parametrized class was made for
         self.unsafe: dict[str, bool] = {}  # a chain's own flag, which torch ORs with ours
+        self.borrowed_class: type | None = None  # the model's own Parametrized class
 
     def save_hook(self, module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
         """Rename ``parametrizations.<attr>.original`` back to ``<attr>``, in its old place."""
@@ -96,17 +97,27 @@ def _own_class(module: nn.Module, book: KeyBook | None) -> None:
     """
     if book is None or book.class_owner == id(module):
         return
+    _copy_class(module)
+    book.class_owner = id(module)  # a copy's book still holds the original's id
+
+
+def _copy_class(module: nn.Module) -> type:
+    """Give ``module`` a copy of its Parametrized class; returns the class it had."""
     cls = type(module)
     namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-    book.class_owner = id(module)  # a copy's book still holds the original's id
+    return cls
 
 
 def add(module: nn.Module, attr: str, function: nn.Module) -> None:
     """Parametrize ``module.<attr>`` by ``function`` (appended after any existing one)."""
     book = _book(module)
     _own_class(module, book)
-    book = book or KeyBook(module)
+    if book is None:
+        book = KeyBook(module)
+        if parametrize.is_parametrized(module):  # the model's own: torch's class, perhaps
+            # shared with deep copies; deltahooks edits a copy and puts this one back
+            book.borrowed_class = _copy_class(module)
     was_parametrized = parametrize.is_parametrized(module, attr)
     if was_parametrized and attr not in book.unsafe:  # the user's chain: keep its flag
         book.unsafe[attr] = module.parametrizations[attr].unsafe
@@ -156,8 +167,11 @@ def remove(module: nn.Module, attr: str, function: nn.Module) -> None:
     if parametrize.is_parametrized(module, attr):  # a user's parametrization stays: its keys
         module._parameters.pop(attr, None)
     if not book.functions:  # deltahooks keeps no parametrization here any more
-        if parametrize.is_parametrized(module):  # the user's: torch's class, as it was
-            vars(type(module)).get("__reduce_ex__") and delattr(type(module), "__reduce_ex__")
+        if parametrize.is_parametrized(module):  # the model's own stay: its class, as it was
+            if book.borrowed_class is not None:
+                module.__class__ = book.borrowed_class
+            elif "__reduce_ex__" in vars(type(module)):
+                delattr(type(module), "__reduce_ex__")
         for handle in book.handles:
             handle.remove()
         book.handles = []

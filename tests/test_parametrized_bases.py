@@ -7,6 +7,7 @@ loads, and ``detach()`` leaves the parametrization exactly as it was: the same
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -288,6 +289,36 @@ def test_a_delta_on_a_parametrized_norm_and_bias():
         assert_restored(model, before)
         with torch.no_grad():
             assert torch.equal(model(x), base)
+
+
+def test_a_delta_on_a_deep_copy_leaves_the_original_and_its_shared_class_alone():
+    """torch's deepcopy shares a parametrized module's class between the copies, and
+    parametrizing another tensor adds a property to that class."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)).eval()
+    parametrize.register_parametrization(model[1], "weight", Softclip())
+    twin = copy.deepcopy(model)
+    assert type(twin[1]) is type(model[1])
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        base = model(x)
+    before, before_twin = snapshot(model), snapshot(twin)
+    delta = dh.attach(twin, dh.LNTuning())  # a weight site on the LayerNorm's bias too
+    with torch.no_grad():
+        for tensor in delta.parameters():
+            tensor.add_(0.1)
+        assert torch.equal(model(x), base)  # the original reads its bias as before
+        assert not torch.allclose(twin(x), base)
+    assert_restored(model, before)
+    other = dh.attach(model, dh.LoHa(targets=["0"], init="random"))
+    third = copy.deepcopy(twin)
+    for done in (third, twin):
+        dh.detach(done)
+        with torch.no_grad():
+            assert torch.equal(done(x), base)
+    other.detach()
+    assert_restored(model, before)
+    assert_restored(twin, before_twin)
 
 
 def test_targets_do_not_reach_into_parametrization_containers():
