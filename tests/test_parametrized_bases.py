@@ -94,6 +94,11 @@ METHODS = {
         True,
     ),
     "vera": (lambda init: dh.VeRA(targets=["0", "2"], r=2, init=init), ("linear",), True),
+    "adalora": (
+        lambda init: dh.AdaLoRA(targets=["0", "2"], total_step=10, init_r=2, target_r=1, init=init),
+        ("linear",),
+        True,
+    ),
     "bitfit": (lambda init: dh.BitFit(targets=["0", "2"]), ("linear", "conv"), False),
 }
 
