@@ -68,6 +68,9 @@ class CallNames:
 
     positional: tuple[str, ...]
     cache: str | None
+    # where the cache's write positions go (transformers before 5.x's removal of it); the
+    # prompt or prefix shifts them as it shifts position ids
+    cache_positions: str = "cache_position"
     mask: str = "attention_mask"
     positions: str = "position_ids"
     embeds: str = "inputs_embeds"

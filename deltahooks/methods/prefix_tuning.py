@@ -13,10 +13,10 @@ cache that replays the same prefixes instead (see :func:`replay_classes`).
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import warnings
-import weakref
 from dataclasses import dataclass, replace
 from functools import cache, partial
 from typing import NamedTuple
@@ -293,14 +293,15 @@ class Probed(Exception):
 
 
 def probe_shape(callee: nn.Module, names: CallNames, layers) -> Shape | None:
-    """Run a weightless (meta-device) twin of ``callee`` on one token and record what
-    each layer writes to the cache: the model's own answer, whatever its config calls it.
+    """Run a weightless twin of ``callee`` (built from its config under torch's fake
+    tensors, else on the meta device) on one token and record what each layer writes to
+    the cache: the model's own answer, whatever its config calls it and however this
+    transformers release lays the cache out.
 
-    The model itself is not touched. ``None`` where the twin cannot be built or run (some
-    models do data-dependent work that a meta tensor cannot answer before the first layer).
+    The model itself is not touched. ``None`` where no twin runs far enough to write to the
+    cache (a model that does data-dependent work before its first attention layer).
     """
     transformers = sys.modules["transformers"]
-    config = getattr(callee, "config", None)
     if not isinstance(layers, int) or layers <= 0 or names.cache is None:
         return None
     written: dict[int, tuple[torch.Size, torch.Size]] = {}
@@ -312,36 +313,73 @@ def probe_shape(callee: nn.Module, names: CallNames, layers) -> Shape | None:
                 raise Probed
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    token = torch.zeros(1, 1, dtype=torch.long, device="meta")
+    for run in (fake_run, meta_run):
+        written.clear()
+        run(callee, names, Recorder)
+        shapes = {(k[1], k[3], v[1], v[3]) for k, v in written.values() if len(k) == len(v) == 4}
+        if len(shapes) == 1:  # layers that differ (or none seen): the config's shape, if any
+            heads, key_dim, value_heads, value_dim = shapes.pop()
+            if heads == value_heads:
+                return Shape(layers, heads, key_dim, value_dim)
+    return None
+
+
+def twin_call(callee: nn.Module, names: CallNames, recorder: type, device) -> None:
+    """Build ``callee``'s twin and call it on one token with a ``recorder`` cache."""
+    transformers = sys.modules["transformers"]
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
     kwargs = {"input_ids": token, "use_cache": True}
     if is_encoder_decoder(callee):
-        cache = transformers.EncoderDecoderCache(Recorder(), transformers.DynamicCache())
+        cache = transformers.EncoderDecoderCache(recorder(), transformers.DynamicCache())
         kwargs["decoder_input_ids"] = token
     else:
-        cache = Recorder()
+        cache = recorder()
     names.set_cache(kwargs, cache)
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # a twin's config warnings are not the user's
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            twin = type(callee)(config).eval()
-        with torch.no_grad():
-            twin(**kwargs)
-    except Probed:
-        pass
-    except Exception:  # any failure of the twin means: ask the config
-        if not written:
-            return None
-    finally:
-        transformers.logging.set_verbosity(level)
-    shapes = {(k[1], k[3], v[1], v[3]) for k, v in written.values() if len(k) == len(v) == 4}
-    if len(shapes) != 1:  # layers that differ (or none seen): the config's shape, if any
-        return None
-    heads, key_dim, value_heads, value_dim = shapes.pop()
-    if heads != value_heads:
-        return None
-    return Shape(layers, heads, key_dim, value_dim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = type(callee)(callee.config).eval()
+    with torch.no_grad():
+        twin(**kwargs)
+
+
+def quietly(run):
+    """Run a twin with transformers' and torch's own logging held back: their complaints
+    about a twin are not the user's; any failure means "ask the config"."""
+
+    def quiet(*args) -> None:
+        transformers = sys.modules["transformers"]
+        level = transformers.logging.get_verbosity()
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        fake_level = fake_log.level
+        transformers.logging.set_verbosity_error()
+        fake_log.setLevel(logging.CRITICAL)
+        try:
+            with torch.random.fork_rng(devices=[]):  # the twin's init draws nothing for real
+                run(*args)
+        except Probed:
+            pass
+        except Exception:  # any failure of the twin: what it recorded so far, if anything
+            pass
+        finally:
+            transformers.logging.set_verbosity(level)
+            fake_log.setLevel(fake_level)
+
+    return quiet
+
+
+@quietly
+def fake_run(callee: nn.Module, names: CallNames, recorder: type) -> None:
+    """The twin on fake CPU tensors: shapes without memory, and a real device type."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        twin_call(callee, names, recorder, "cpu")
+
+
+@quietly
+def meta_run(callee: nn.Module, names: CallNames, recorder: type) -> None:
+    with torch.device("meta"):
+        twin_call(callee, names, recorder, "meta")
 
 
 @torch.no_grad()
@@ -389,19 +427,22 @@ def readers(path: str, module: nn.Module) -> tuple[str, ...]:
 
 
 class InFlight:
-    """The cache of the checkpointed training call under way, for layers the model skips.
+    """The cache of the last checkpointed training call, for layers the model skips.
 
-    Held by a weak reference: it lives as long as the call (or its outputs) does.
+    Kept until the next call of the model: the backward pass replays checkpointed layers
+    after the call has returned, and transformers before 5.23 runs a layer's hooks (so
+    :func:`hand_cache`) inside that replay. It holds only the prefixes, as views of the
+    delta's tensors, and stores none of the call's keys or values.
     """
 
     def __init__(self) -> None:
-        self.ref = None
+        self.cache = None
 
     def set(self, cache) -> None:
-        self.ref = weakref.ref(cache)
+        self.cache = cache
 
     def get(self):
-        return self.ref() if self.ref is not None else None
+        return self.cache
 
     def __reduce__(self):
         return (InFlight, ())
@@ -550,6 +591,7 @@ def prefix_call(
     """Hand the backbone a cache holding the prefixes (first call) and stretch the mask."""
     encoder_decoder = layout.encoder_decoder
     kwargs = bind(names.positional, args, kwargs)
+    in_flight.set(None)  # a new call: the last one's replayed cache is no longer needed
     step = decoder_sequence(kwargs) if encoder_decoder else sequence(kwargs, names.embeds)
     if step is None:
         return (), kwargs
@@ -558,6 +600,9 @@ def prefix_call(
     if getattr(cache, DISCARDED, False):
         cache = None  # made by us for a call that asked for no cache: it continues nothing
     past = cached_length(cache)
+    if past == 0 and kwargs.get(names.cache_positions) is not None:
+        # counted from an empty cache (transformers < 5.x): the prefixes come first
+        kwargs[names.cache_positions] = kwargs[names.cache_positions] + count
     if checkpointed(backbone):
         if past:
             raise DeltaStateError(

@@ -284,11 +284,12 @@ def prompt_call(names: CallNames, module: nn.Module, args: tuple, kwargs: dict, 
     kwargs[names.embeds] = with_prompt(prompt, embeds)
     if mask in kwargs:
         kwargs[mask] = extend_mask(kwargs[mask], count, count + length)
-    given = kwargs.get(positions)
-    if given is not None:
-        front = torch.arange(count, dtype=given.dtype, device=given.device)
-        front = front.expand(*given.shape[:-1], count)
-        kwargs[positions] = torch.cat((front, given + count), dim=-1)
+    for name in (positions, names.cache_positions):  # the prompt takes 0..count-1
+        given = kwargs.get(name)
+        if given is not None:
+            front = torch.arange(count, dtype=given.dtype, device=given.device)
+            front = front.expand(*given.shape[:-1], count)
+            kwargs[name] = torch.cat((front, given + count), dim=-1)
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], count, 0)
     labels = kwargs.get("labels")
