@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from functools import cache, partial
 from typing import NamedTuple
@@ -265,7 +266,7 @@ def geometry(path: str, module: nn.Module) -> tuple[Shape, nn.Module]:
             "this model has no full-attention cache for prefixes to go into. PromptTuning "
             "works on it instead"
         )
-    shape = probe_shape(callee, call_names(callee), layers) or config_shape(decoder)
+    shape = probed(callee, layers) or config_shape(decoder)
     if shape is None:
         raise UnsupportedModuleError(
             f"PrefixTuning cannot tell the key/value shape of {where}: a weightless copy of it "
@@ -290,6 +291,21 @@ def config_shape(config) -> Shape | None:
 
 class Probed(Exception):
     """Stops a probe once every layer has written to its cache."""
+
+
+PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def probed(callee: nn.Module, layers) -> Shape | None:
+    """:func:`probe_shape`, once per model and config (attach checks, then builds)."""
+    try:
+        key = (layers, callee.config.to_json_string())
+    except (AttributeError, TypeError, ValueError):
+        return probe_shape(callee, call_names(callee), layers)
+    known = PROBED.get(callee)
+    if known is None or known[0] != key:
+        known = PROBED[callee] = (key, probe_shape(callee, call_names(callee), layers))
+    return known[1]
 
 
 def probe_shape(callee: nn.Module, names: CallNames, layers) -> Shape | None:
