@@ -6,6 +6,8 @@ whichever transformers is installed (its cache argument has had several names).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -223,3 +225,42 @@ def test_trains_saves_loads_and_detaches_on_every_architecture(name, method, tmp
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("spelling", ["past_key_values", "forward's own"])
+def test_a_manual_continuation_works_under_either_name_of_the_cache(method, spelling):
+    """A user's own decoding loop may pass the cache as ``past_key_values`` (which
+    transformers 5.24 still accepts for its renamed ``cache``) or under the forward's name."""
+    from deltahooks.methods._calls import call_names
+
+    model = build("llama")
+    dh.attach(model, spec(method))
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    name = "past_key_values" if spelling == "past_key_values" else call_names(model).cache
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers 5.24 warns about the old name
+        first = model(input_ids=ids, use_cache=True)
+        token = first.logits[:, -1:].argmax(-1)
+        cache = first.cache if hasattr(first, "cache") else first.past_key_values
+        step = model(input_ids=token, use_cache=True, **{name: cache}).logits[:, -1]
+        plain = model(input_ids=torch.cat((ids, token), 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_call_names_follow_each_spelling_of_the_cache():
+    from deltahooks.methods._calls import CACHE_NAMES, call_names
+
+    for cache_name in CACHE_NAMES:
+        namespace: dict = {}
+        exec(
+            f"def forward(self, input_ids, {cache_name}=None, attention_mask=None): pass", namespace
+        )
+        module = type("Layer", (torch.nn.Module,), {"forward": namespace["forward"]})()
+        names = call_names(module)
+        assert names.cache == cache_name
+        assert names.positional == ("input_ids", cache_name, "attention_mask")
+        kwargs = {"past_key_values": "old", "cache_params": "older"}
+        names.set_cache(kwargs, "new")
+        assert kwargs == {cache_name: "new"}
+        assert names.get_cache(kwargs) == "new"

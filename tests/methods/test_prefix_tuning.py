@@ -466,3 +466,17 @@ def test_a_4d_mask_is_refused_with_the_fix():
     dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8))
     with pytest.raises(dh.DeltaStateError, match="2-D attention masks"):
         model(input_ids=inputs["input_ids"], attention_mask=torch.ones(2, 1, 7, 11))
+
+
+def test_prefixes_of_latent_attention_do_not_export_to_peft(tmp_path):
+    """DeepSeek-V3 caches key latents and rotary keys of different sizes; PEFT's prefixes
+    are keys and values of one size, so the export says why not, and delta.save() works."""
+    from test_generation_cache import deepseek_v3
+
+    torch.manual_seed(0)
+    model = deepseek_v3().eval()
+    delta = dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8))
+    with pytest.raises(dh.UnsupportedOperationError, match="keys and values of one size"):
+        delta.save_peft(tmp_path / "peft")
+    delta.save(tmp_path / "delta.safetensors")
+    assert (tmp_path / "delta.safetensors").stat().st_size > 0
