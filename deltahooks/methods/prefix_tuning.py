@@ -13,6 +13,8 @@ cache that replays the same prefixes instead (see :func:`replay_classes`).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import sys
@@ -351,9 +353,12 @@ def twin_call(callee: nn.Module, names: CallNames, recorder: type, device) -> No
     else:
         cache = recorder()
     names.set_cache(kwargs, cache)
+    config = copy.deepcopy(callee.config)
+    with contextlib.suppress(AttributeError, TypeError, ValueError):
+        config._attn_implementation = "eager"  # flash kernels need a real GPU tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        twin = type(callee)(callee.config).eval()
+        twin = type(callee)(config).eval()
     with torch.no_grad():
         twin(**kwargs)
 
