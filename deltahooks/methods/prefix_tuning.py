@@ -70,7 +70,7 @@ class PrefixTuning(DeltaSpec):
     and encoder-decoder (T5: the decoder's self-attention; an encoder takes no cache, and
     a cross-attention cache is filled from the encoder's output, as in PEFT), including
     ``model.generate()``. The prefixes have the shape each layer writes to its cache,
-    found at attach by running a weightless (meta-device) copy of the model on one token:
+    found at attach by running a weightless (fake-tensor) copy of the model on one token:
     one key/value head under multi-query attention, the compressed latents under
     DeepSeek's multi-head latent attention. Outputs have the real tokens'
     length. ``delta.merge()`` raises :class:`deltahooks.UnsupportedOperationError`.
@@ -258,12 +258,13 @@ def geometry(path: str, module: nn.Module) -> tuple[Shape, nn.Module]:
             f"PrefixTuning cannot build a transformers cache from the config of {where} ({err}); "
             "this model is not supported"
         ) from None
-    layers = len(kinds) or getattr(decoder, "num_hidden_layers", None)
+    declared = getattr(decoder, "num_hidden_layers", None)
+    layers = len(kinds) or declared
     odd = sorted({kind.__name__ for kind in kinds if kind is not transformers.DynamicLayer})
-    if odd or (kinds and isinstance(layers, int) and len(kinds) != layers):
+    if odd or (kinds and isinstance(declared, int) and len(kinds) != declared):
         raise UnsupportedModuleError(
             f"PrefixTuning needs every attention layer of {where} to keep a full-attention "
-            f"cache (DynamicLayer), but its cache has {odd or f'{len(kinds)} layers for {layers}'}"
+            f"cache (DynamicLayer), but its cache has {odd or f'{len(kinds)} layers for {declared}'}"
             " (sliding windows, linear attention or state-space layers, shared keys/values); "
             "this model has no full-attention cache for prefixes to go into. PromptTuning "
             "works on it instead"
