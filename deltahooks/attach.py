@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import liveness
+from . import liveness, reparametrize
 from .delta import Delta, teardown
 from .errors import DeltaStateError, SpecError
 from .ledger import Ledger, join
@@ -88,8 +88,15 @@ class Plan:
 def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike = None) -> Plan:
     """Resolve, check and build every part without changing the model.
 
-    ``device="meta"`` plans shapes only: nothing is allocated or initialised.
+    ``device="meta"`` plans shapes only: nothing is allocated or initialised. The model's
+    own parametrizations are read as in eval mode meanwhile (a ``spectral_norm`` would
+    otherwise step its power iteration each time a method reads the weight).
     """
+    with reparametrize.reads_without_side_effects(model):
+        return _plan(model, specs, device)
+
+
+def _plan(model: nn.Module, specs: tuple[DeltaSpec, ...], device: DeviceLike) -> Plan:
     parts: list[Part] = []
     shared: list[dict[str, SharedTensor]] = []
     owner: dict[tuple[str, str], str] = {}

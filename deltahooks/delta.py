@@ -46,6 +46,7 @@ class PartView(NamedTuple):
     spec_index: int
     tensors: dict[str, torch.Tensor]  # delta state_dict key -> live tensor
     target: str = ""  # what it was resolved from: ``path``, or a parameter path on it
+    note: str = ""  # how it acts when that is not the method's usual way (summaries say it)
 
 
 def teardown(root: nn.Module, name: str, ledger: Ledger, freeze_base: bool) -> None:
@@ -133,7 +134,9 @@ class Delta(nn.Module):
                 entry.key: self._ledger.tensor(entry) for entry in part.entries if entry.saved
             }
             method = self.specs[part.spec_index].method
-            views.append(PartView(method, part.path, part.spec_index, tensors, part.target))
+            views.append(
+                PartView(method, part.path, part.spec_index, tensors, part.target, part.note)
+            )
         return views
 
     @property

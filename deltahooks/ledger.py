@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from . import reparametrize
-from .errors import DeltaStateError
+from .errors import DeltaStateError, UnsupportedModuleError
 
 RESERVED_PREFIX = "dh__"
 """Every tensor a delta registers on a module has a local name starting with this."""
@@ -192,6 +192,16 @@ class Ledger:
     def shadow(self, path: str, attr: str, value: torch.Tensor) -> ShadowEntry:
         """Make ``module.attr`` return ``value`` without touching ``module._parameters``."""
         module = self.module(path)
+        theirs = reparametrize.foreign(module, attr)
+        if theirs:
+            names = ", ".join(type(f).__name__ for f in theirs)
+            raise UnsupportedModuleError(
+                f"{join(path, attr)!r} is computed by the model's own parametrization ({names}; "
+                "e.g. torch's weight_norm or spectral_norm), which a replacement tensor cannot "
+                "stand in for; choose a method or init that keeps the weight (LoRA's default "
+                "init, not pissa/olora), exclude this module, or remove that parametrization "
+                "before attaching"
+            )
         if parametrize.is_parametrized(module, attr):
             raise DeltaStateError(
                 f"{join(path, attr)!r} is parametrized (by another delta or by your model), "

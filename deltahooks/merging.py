@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import DeltaStateError
+from . import reparametrize
+from .errors import DeltaStateError, UnsupportedOperationError
 from .ledger import Ledger, TensorEntry, join, reserved_name
 from .registry import registry_of
 
@@ -34,8 +35,22 @@ def _stack(ledger: Ledger, key: str, create: bool = False) -> list[str]:
     )
 
 
-def storage(module: nn.Module, attr: str) -> tuple[nn.Module, str]:
-    """Where ``module.<attr>`` is really stored: itself, or under its parametrization."""
+def storage(module: nn.Module, attr: str, path: str = "") -> tuple[nn.Module, str]:
+    """Where ``module.<attr>`` is really stored: itself, or under deltahooks' own
+    parametrization. A tensor the model itself parametrizes (``weight_norm``,
+    ``spectral_norm``, a user's ``register_parametrization``) is computed from originals
+    that no merged value can be written into exactly: :class:`UnsupportedOperationError`.
+    """
+    theirs = reparametrize.foreign(module, attr)
+    if theirs:
+        names = ", ".join(type(f).__name__ for f in theirs)
+        raise UnsupportedOperationError(
+            f"cannot merge into {join(path, attr)!r}: the model computes it through its own "
+            f"parametrization ({names}; e.g. torch's weight_norm or spectral_norm), so a merged "
+            "weight has no exact place among its originals; keep the delta unmerged, or remove "
+            "that parametrization before attaching (torch.nn.utils.parametrize."
+            f"remove_parametrizations(module, {attr!r}, leave_parametrized=True))"
+        )
     if attr in module._parameters or attr in module._buffers:
         return module, attr
     if parametrize.is_parametrized(module, attr):
@@ -44,7 +59,8 @@ def storage(module: nn.Module, attr: str) -> tuple[nn.Module, str]:
 
 
 def stored(module: nn.Module, attr: str) -> torch.Tensor:
-    """The stored tensor behind ``module.<attr>``: no Full copy, no parametrization applied.
+    """The tensor behind ``module.<attr>`` as the base model has it: no Full copy, none of
+    deltahooks' parametrizations applied, the model's own (``weight_norm``, ...) applied.
 
     Example:
         >>> import torch
@@ -52,6 +68,8 @@ def stored(module: nn.Module, attr: str) -> torch.Tensor:
         >>> stored(layer, "weight") is layer.weight
         True
     """
+    if reparametrize.foreign(module, attr):
+        return reparametrize.base_value(module, attr)
     owner, name = storage(module, attr)
     return owner._parameters[name] if name in owner._parameters else owner._buffers[name]
 
@@ -60,7 +78,7 @@ def swap_in(ledger: Ledger, path: str, attr: str, value: torch.Tensor) -> Merged
     """Make the module's own ``attr`` hold ``value``; a parameter keeps its object."""
     module = ledger.module(path)
     key = join(path, attr)
-    owner, name = storage(module, attr)
+    owner, name = storage(module, attr, path)
     current = stored(module, attr)
     aliases = {key, join(path, f"parametrizations.{attr}.original")}
     tied = [

@@ -469,11 +469,8 @@ class CallMemo:
     def __deepcopy__(self, memo) -> CallMemo:
         return CallMemo()
 
-    def __getstate__(self) -> None:
-        return None
-
-    def __setstate__(self, state) -> None:
-        self.local = threading.local()
+    def __reduce__(self):  # a pickled copy starts empty (a None state would skip setstate)
+        return CallMemo, ()
 
 
 class WeightFunction(nn.Module):

@@ -22,7 +22,15 @@ from .errors import SpecError, UnsupportedModuleError, UnsupportedOperationError
 from .layers import compute_dtype, quantized_weight
 from .ledger import Ledger, TensorEntry, join
 from .merging import Merged, swap_in, swap_out
-from .sites import RedirectSite, Site, Switch, TensorSource, install_site, sync_redirect
+from .sites import (
+    RedirectSite,
+    Site,
+    Switch,
+    TensorSource,
+    WeightSite,
+    install_site,
+    sync_redirect,
+)
 from .targets import Target, describe
 
 METHODS: dict[str, type[DeltaSpec]] = {}
@@ -237,7 +245,10 @@ class Part:
             is_parameter)}`` for tensors on other modules or buffers. Values are on the
             target's device and dtype (or ``meta`` for a plan).
         sites: where the tensors act (:mod:`deltahooks.sites`); site tensor names are
-            local names of this part or of the spec's shared tensors.
+            local names of this part or of the spec's shared tensors. A
+            :class:`~deltahooks.sites.WeightSite` whose ``attr`` is dotted
+            (``"out_proj.weight"``) sits on that submodule of the target and names the
+            part's tensors registered there (keys ``("<path>.out_proj", local)``).
         merge: ``merge(module, tensors) -> {relative path of a tensor: new value}`` for
             methods that can be folded into the weights; ``tensors`` maps local (and
             shared) names to the live tensors. None: the method cannot merge.
@@ -255,6 +266,8 @@ class Part:
         target: what the part was resolved from, as files record it and ``delta.paths``
             lists it: ``path`` by default, a :class:`~deltahooks.targets.ParameterPath`
             for a part that adapts one parameter of the module at ``path``.
+        note: how the part acts when that is not the method's usual way, for summaries
+            (e.g. through the weight because the model reads it without calling the layer).
     """
 
     def __init__(
@@ -269,8 +282,10 @@ class Part:
         exclusive_merge: bool = False,
         unsaved: Iterable[str] = (),
         target: str | None = None,
+        note: str = "",
     ) -> None:
         self.path = path
+        self.note = note
         self.target = path if target is None else target
         self.tensors: dict[TensorKey, tuple[torch.Tensor, bool]] = {}
         for key, value in tensors.items():
@@ -309,8 +324,9 @@ class Part:
         self.tensors = {}
         self.install_sites(ledger, switch)
 
-    def _source(self, ledger: Ledger, names: tuple[str, ...]) -> TensorSource:
-        own = {entry.local: entry for entry in self.entries if entry.path == self.path}
+    def _source(self, ledger: Ledger, names: tuple[str, ...], path: str = "") -> TensorSource:
+        path = path or self.path  # the module the site sits on
+        own = {entry.local: entry for entry in self.entries if entry.path == path}
         found = []
         for name in names:
             entry = own.get(name) or self.shared.get(name)
@@ -319,16 +335,22 @@ class Part:
                     f"a site on {self.path!r} names tensor {name!r}, which the part does not "
                     f"define (it has {sorted(own)}, shared {sorted(self.shared)})"
                 )
-            found.append((entry.path != self.path, entry.is_parameter, entry.reserved))
+            found.append((entry.path != path, entry.is_parameter, entry.reserved))
         return TensorSource(tuple(found), ledger.root if any(s for s, _, _ in found) else None)
 
     def install_sites(self, ledger: Ledger, switch: Switch) -> None:
         for site in self.sites:
+            path = self.path
             if isinstance(site, RedirectSite):
                 source = {(entry.path, entry.local): entry for entry in self.entries}
             else:
-                source = self._source(ledger, site.tensors)
-            self.installed.extend(install_site(ledger, self.path, site, switch, source))
+                if isinstance(site, WeightSite) and "." in site.attr:
+                    # a tensor of a submodule ("out_proj.weight"): the site sits on that
+                    # submodule and names the part's tensors registered there
+                    child, _, attr = site.attr.rpartition(".")
+                    path, site = join(self.path, child), dataclasses.replace(site, attr=attr)
+                source = self._source(ledger, site.tensors, path)
+            self.installed.extend(install_site(ledger, path, site, switch, source))
 
     def remove_sites(self, ledger: Ledger) -> None:
         """Take the sites away: a merged delta computes through the weights alone."""

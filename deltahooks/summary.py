@@ -72,7 +72,8 @@ def summary(model: nn.Module) -> str:
         rows = []
         for part in delta.parts:
             count = sum(t.numel() for t in part.tensors.values())
-            rows.append((part.path or "<root>", f"{part.method}  {count:,} params{note}"))
+            how = f" {part.note}" if part.note else ""
+            rows.append((part.path or "<root>", f"{part.method}{how}  {count:,} params{note}"))
         shared = sum(t.numel() for t in delta.shared.values())
         if shared:
             rows.append(("<shared>", f"{shared:,} params shared by all targets{note}"))

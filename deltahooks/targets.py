@@ -87,6 +87,30 @@ class ParameterPath(str):
         return self.rpartition(".")[2]
 
 
+def adaptable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without what torch's parametrizations hold: a
+    ``parametrizations`` container, its ``ParametrizationList`` s and their functions
+    (``weight_norm``'s ``_WeightNorm``, a delta's own weight site) are part of how a
+    tensor is computed, not layers a target can name (a suffix ``"0"`` would otherwise
+    match ``conv.parametrizations.weight.0``).
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))
+        >>> [p for p, _ in adaptable_modules(nn.Sequential(layer))]
+        ['', '0']
+    """
+    containers = []
+    found = []
+    for path, module in model.named_modules():
+        if any(path == c or path.startswith(c + ".") for c in containers):
+            continue
+        found.append((path, module))
+        if parametrize.is_parametrized(module):
+            containers.append(f"{path}.parametrizations" if path else "parametrizations")
+    return found
+
+
 def parameter_paths(model: nn.Module) -> list[tuple[ParameterPath, nn.Module]]:
     """``[(parameter path, owning module)]`` of every parameter registered on a module itself,
     in ``named_modules()`` order and each module's own parameter order; delta tensors and
@@ -99,7 +123,9 @@ def parameter_paths(model: nn.Module) -> list[tuple[ParameterPath, nn.Module]]:
         names = [n for n, p in module._parameters.items() if p is not None and not is_reserved(n)]
         if parametrize.is_parametrized(module):
             for name, chain in module.parametrizations.items():
-                if isinstance(chain.original, nn.Parameter) and name not in names:
+                # one ``original``, or ``original0``, ``original1``, ... (e.g. weight_norm's)
+                trained = any(key.startswith("original") for key in chain._parameters)
+                if trained and name not in names:
                     names.append(name)
         found.extend((ParameterPath(f"{path}.{n}" if path else n), module) for n in names)
     return found
@@ -266,7 +292,7 @@ def resolve_targets(
         >>> [p for p, _ in resolve_targets(model, "2.weight", parameters=True)]
         ['2.weight']
     """
-    named = list(model.named_modules())
+    named = adaptable_modules(model)
     params = parameter_paths(model) if parameters else []
 
     def hits(entry, what: str) -> tuple[set[int], set[int]]:

@@ -68,7 +68,7 @@ def assert_restored(model: nn.Module, before: Snapshot, *, same_hook_ids: bool =
         assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device, key
         if a.is_meta:
             continue  # meta tensors have no values to compare
-        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all(), f"{key} changed"
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=f"{key} changed")
     assert after.classes == before.classes, "module classes changed"
     for path, entries in before.params.items():
         now = after.params[path]

@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import DeltaError, DeltaFileError, UnsupportedOperationError
+from ..errors import DeltaError, DeltaFileError, UnsupportedOperationError, warn
+from ..ledger import join
 from ..targets import Paths, resolve_targets
 from . import peft_lora_parameters as parameters
 
@@ -35,6 +36,13 @@ LORA_SUFFIXES = {
     ".lora_embedding_B": "lora_B",
 }
 DORA_SUFFIXES = {".lora_magnitude_vector": "lora_magnitude_vector"}  # with use_dora
+
+PEFT_ATTENTION_BUG = (
+    "PEFT's LoRA on nn.MultiheadAttention (peft 0.21.2 and earlier) adds out_proj's update "
+    "twice, in its forward and its merge (huggingface/peft#3774), so PEFT computes another "
+    "model from the same adapter file than deltahooks does (deltahooks adds it once, as the "
+    "file's tensors define)"
+)
 
 
 Importer = Callable[[nn.Module, dict, dict[str, torch.Tensor]], tuple[list, dict]]
@@ -189,6 +197,17 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
         raise DeltaFileError(f"LoRA tensors without their {what} at {incomplete[:5]}")
     if not lora:
         return [], {}
+    # nn.MultiheadAttention: PEFT keeps out_proj's pair under "<attention>.base_layer.out_proj";
+    # here it belongs to the attention's own part, on its out_proj
+    attention: dict[str, dict] = {}
+    for key in [
+        k for k in lora if k == "base_layer.out_proj" or k.endswith(".base_layer.out_proj")
+    ]:
+        owner = key[: -len("base_layer.out_proj")].rstrip(".")
+        if isinstance(model.get_submodule(owner), nn.MultiheadAttention) and owner in lora:
+            attention[owner] = lora.pop(key)
+    if attention:
+        warn(PEFT_ATTENTION_BUG)
     # target_parameters: PEFT's nested ParamWrappers, keyed by their owner module
     wrapped = parameters.nesting(
         parameters.matched_parameters(model, list(config.get("target_parameters") or []))
@@ -218,6 +237,8 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
         dora=dora,
     )
     state = {f"{path}.{local}": t for path, pair in lora.items() for local, t in pair.items()}
+    for owner, pair in attention.items():
+        state.update({join(owner, f"out_proj.{local}"): t for local, t in pair.items()})
     return [spec], state
 
 

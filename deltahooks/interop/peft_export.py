@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..distributed import gathered, writes
-from ..errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
-from .peft import PREFIX, PROMPT_LEARNING, PROMPT_PREFIX
+from ..errors import DeltaFileError, DeltaStateError, UnsupportedOperationError, warn
+from .peft import PEFT_ATTENTION_BUG, PREFIX, PROMPT_LEARNING, PROMPT_PREFIX
 
 Exporter = Callable[[nn.Module, list, list], tuple[dict, dict[str, torch.Tensor]]]
 EXPORTERS: dict[str, Exporter] = {}
@@ -158,6 +158,26 @@ def one_setting(method: str, specs: list, name: str):
 
 
 # ------------------------------------------------------------------------------ LoRA
+def _attention_to_peft(part) -> dict[str, torch.Tensor]:
+    """LoRA on an ``nn.MultiheadAttention``, as PEFT lays it out: the input projection's
+    pair on the module, ``out_proj``'s under ``base_layer.out_proj`` (PEFT wraps it there)."""
+    path = part.path
+    if f"{path}.lora_A" not in part.tensors:  # separate q/k/v projections
+        raise UnsupportedOperationError(
+            f"LoRA on {path!r}, an nn.MultiheadAttention with separate query/key/value "
+            "projections (kdim or vdim set), has no PEFT form (PEFT takes only a packed "
+            "in_proj_weight); keep it as a deltahooks file with delta.save(...)"
+        )
+    warn(PEFT_ATTENTION_BUG)
+    base = f"{path}.base_layer.out_proj" if path else "base_layer.out_proj"
+    return {
+        f"{path}.lora_A.weight": part.tensors[f"{path}.lora_A"].detach(),
+        f"{path}.lora_B.weight": part.tensors[f"{path}.lora_B"].detach(),
+        f"{base}.lora_A.weight": part.tensors[f"{path}.out_proj.lora_A"].detach(),
+        f"{base}.lora_B.weight": part.tensors[f"{path}.out_proj.lora_B"].detach(),
+    }
+
+
 @peft_exporter("lora")
 def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
     """LoRA: same layouts; per-path ranks and alphas become exact-path patterns."""
@@ -193,6 +213,9 @@ def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
     for part in parts:
         spec = spec_of[part.spec_index]
         module = model.get_submodule(part.path)
+        attention = None
+        if isinstance(module, nn.MultiheadAttention):
+            attention = _attention_to_peft(part)  # refuses what PEFT cannot hold first
         a, b = (part.tensors[f"{part.target}.lora_{x}"] for x in "AB")
         ranks[part.target] = int(a.shape[-2] if part.target in prefix_of else a.shape[0])
         alpha = first_match(part.target, module, spec.alpha_pattern, model)
@@ -201,6 +224,9 @@ def lora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict
             a, b = to_peft(a.detach(), b.detach())
             tensors[f"{prefix_of[part.target]}.lora_A.weight"] = a
             tensors[f"{prefix_of[part.target]}.lora_B.weight"] = b
+            continue
+        if attention is not None:
+            tensors.update(attention)
             continue
         kind = kind_of(module)
         fan_in_fan_out |= kind == CONV1D_GPT2

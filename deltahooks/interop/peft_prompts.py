@@ -122,7 +122,13 @@ def prefix_tuning_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[d
     (spec,) = specs
     stored = spec.saved({key.rpartition(".")[2]: t for key, t in part.tensors.items()})[1]
     prefixes = stored["prefixes"].detach()
-    layers, heads, head_dim, _ = geometry(part.path, model.get_submodule(part.path))
+    (layers, heads, head_dim, value_dim), _ = geometry(part.path, model.get_submodule(part.path))
+    if value_dim != head_dim:
+        raise UnsupportedOperationError(
+            f"PEFT's prefix tuning holds keys and values of one size, but this model caches keys "
+            f"of {head_dim} and values of {value_dim} per head (multi-head latent attention); "
+            "save the delta with delta.save() instead"
+        )
     fields = {
         "peft_type": "PREFIX_TUNING",
         "task_type": task_type(model),

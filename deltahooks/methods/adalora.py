@@ -22,10 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate
-from ..errors import DeltaStateError, SpecError, UnsupportedModuleError, UnsupportedOperationError
+from ..direct_reads import WHY, needs_weight_site
+from ..errors import (
+    DeltaStateError,
+    SpecError,
+    UnsupportedModuleError,
+    UnsupportedOperationError,
+    warn,
+)
 from ..layers import CONV, CONV1D_GPT2, LINEAR, kind_of, to_weight_layout, widths
 from ..merging import stored
-from ..sites import OutputSite
+from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ._lora_autograd import low_rank_update, pays_off
 
@@ -62,6 +69,13 @@ class AdaLoRA(DeltaSpec):
     initialisation, the schedule and the tensor names and layouts are PEFT's; tensors keep
     their ``init_r`` shape (a pruned triplet is a zero in ``Λ``), and ``delta.merge()``
     folds ``s · P diag(Λ) Q`` into the weight.
+
+    A layer the model reads without calling it (its parent's ``forward`` reads
+    ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
+    ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
+    the same update through a weight site instead, ``W ← W + s · P diag(Λ) Q``, so it acts
+    however the weight is read; ``dh.summary`` marks such parts "via weight". ``dropout``
+    does not apply there (a warning says so).
 
     Args:
         targets: which layers get an update, in the target syntax of
@@ -184,14 +198,31 @@ class AdaLoRA(DeltaSpec):
         scale = (self.alpha if self.alpha > 0 else float(r)) / (r + RANKNUM_EPS)
         # An output site, not a weight site: measured on CPU (train step, width 768, r=12),
         # the site is 1.5x (1024 tokens) to 2x (256 tokens) faster than rebuilding W + ΔW.
-        site = OutputSite(
-            partial(update, kind_of(module), scale, self.dropout),
-            ("lora_A", "lora_E", "lora_B"),
-            in_place=True,
-            prepend=True,
-        )
+        names = ("lora_A", "lora_E", "lora_B")
+        direct = needs_weight_site("AdaLoRA", path, module, root)
+        if direct:  # the model reads the weight without calling the layer: update it there
+            if self.dropout and device is None:
+                warn(
+                    f"AdaLoRA dropout={self.dropout} does not apply on {path!r}: the model "
+                    "reads its weight directly, so the update is folded into the weight, "
+                    "where dropout on the layer's input has no place"
+                )
+            site = WeightSite(partial(updated_weight, kind_of(module), scale), "weight", names)
+        else:
+            site = OutputSite(
+                partial(update, kind_of(module), scale, self.dropout),
+                names,
+                in_place=True,
+                prepend=True,
+            )
         tensors = {"lora_A": a, "lora_B": b, "lora_E": e}
-        return Part(path, tensors, [site], merge=partial(merged_weight, scale))
+        return Part(
+            path,
+            tensors,
+            [site],
+            merge=partial(merged_weight, scale),
+            note=WHY if direct else "",
+        )
 
 
 def update(kind: str, scale: float, dropout: float, module: nn.Module, x, y, tensors, writable):
@@ -216,6 +247,16 @@ def update(kind: str, scale: float, dropout: float, module: nn.Module, x, y, ten
         return y
     flat = torch.addmm(y.reshape(-1, y.shape[-1]).to(h.dtype), h, b.t(), alpha=scale)
     return flat.view(y.shape).to(y.dtype)
+
+
+def updated_weight(kind: str, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``W + s · P diag(Λ) Q`` in the weight's layout: the weight site of a layer the model
+    reads without calling it."""
+    a, e, b = tensors
+    if kind == CONV1D_GPT2:  # stored in × out
+        return torch.addmm(weight, (a * e).t(), b.t(), alpha=scale)
+    flat = torch.addmm(weight.flatten(1), b, a * e, alpha=scale)
+    return flat.view_as(weight)
 
 
 def merged_weight(scale: float, module: nn.Module, tensors) -> dict[str, torch.Tensor]:

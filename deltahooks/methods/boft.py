@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import validate
+from ..direct_reads import WHY, needs_weight_site
 from ..errors import SpecError, UnsupportedModuleError
 from ..layers import CONV, CONV1D_GPT2, LINEAR, kind_of, widths
 from ..merging import stored
@@ -150,8 +151,11 @@ class BOFT(DeltaSpec):
                 blocks.normal_(0.0, 0.1)
                 scale.normal_(1.0, 0.1)
         names = ("boft_R", "boft_s")
+        direct = kind != CONV and needs_weight_site("BOFT", path, module, root)
         if kind == CONV:  # a filter's inputs overlap between positions: transform the weight
             sites, order = [WeightSite(transform_weight, "weight", names)], 0
+        elif direct:  # the model reads the weight without calling the layer: transform it
+            sites, order = [WeightSite(partial(boft_weight, kind), "weight", names)], 0
         else:  # rotate the input and scale the output: no dense M, no weight gradient
             sites = [InputSite(rotate_input, ("boft_R",)), OutputSite(scale_output, ("boft_s",))]
             order = 2
@@ -162,6 +166,7 @@ class BOFT(DeltaSpec):
             merge=partial(merged, kind),
             merge_order=order,  # as OFT's (see deltahooks.methods.oft)
             exclusive_merge=True,
+            note=WHY if direct else "",
         )
 
 
@@ -194,13 +199,18 @@ def transform_weight(weight: torch.Tensor, tensors) -> torch.Tensor:
     return (rotated * scale.to(weight.dtype)).view_as(weight)
 
 
+def boft_weight(kind: str, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``diag(s) W Mᵀ`` in the weight's own layout (the bias untouched)."""
+    blocks, scale = tensors
+    value = rotated_weight(kind, weight, rotations(blocks).to(weight.dtype))
+    scale = scale.to(weight.dtype).view(-1)
+    if kind == CONV1D_GPT2:  # (in, out)
+        return value * scale
+    return value * scale.view(-1, *[1] * (weight.dim() - 1))
+
+
 def merged(kind: str, module: nn.Module, tensors) -> dict:
     weight = stored(module, "weight")
     exact = torch.promote_types(weight.dtype, torch.float32)
-    value = rotated_weight(kind, weight.to(exact), rotations(tensors["boft_R"]).to(exact))
-    scale = tensors["boft_s"].to(exact).view(-1)
-    if kind == CONV1D_GPT2:  # (in, out)
-        value = value * scale
-    else:
-        value = value * scale.view(-1, *[1] * (weight.dim() - 1))
+    value = boft_weight(kind, weight.to(exact), (tensors["boft_R"], tensors["boft_s"]))
     return {"weight": value.to(weight.dtype)}

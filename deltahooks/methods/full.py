@@ -63,8 +63,9 @@ class Full(DeltaSpec):
         if any(parametrize.is_parametrized(sub) for sub in module.modules()):
             raise UnsupportedModuleError(
                 f"Full cannot copy {path or '<root>'!r}: it holds parametrized tensors "
-                "(torch.nn.utils.parametrize, e.g. another delta's weight site), whose "
-                "attributes a copy cannot stand in for; detach that delta or target another module"
+                "(torch.nn.utils.parametrize: the model's own, e.g. weight_norm, or another "
+                "delta's weight site), whose attributes a copy cannot stand in for; detach that "
+                "delta, remove the model's parametrization first, or target another module"
             )
         if next(iter(_owned(module)), None) is None:
             raise UnsupportedModuleError(

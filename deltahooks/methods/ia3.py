@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import validate
+from ..direct_reads import WHY, needs_weight_site
 from ..errors import SpecError, TargetError, UnsupportedModuleError
 from ..layers import (
     CONV,
@@ -25,15 +26,15 @@ from ..layers import (
     along_channels,
     channel_dim,
     kind_of,
-    to_weight_layout,
     widths,
 )
 from ..merging import stored
-from ..sites import InputSite, OutputSite
+from ..sites import InputSite, OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import first_match
 
 KINDS = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
+NAMES = ("ia3_l",)
 INITS = ("default", "random")
 
 
@@ -54,6 +55,13 @@ class IA3(DeltaSpec):
     (``ia3_l``: out- or in-features long); PEFT holds the same values as ``(out, 1)``,
     ``(1, in)`` or ``(1, C, 1, 1)``. Every argument is keyword-only and checked when the
     spec is created: a bad value raises :class:`deltahooks.SpecError` at once.
+
+    A layer the model reads without calling it (its parent's ``forward`` reads
+    ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
+    ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
+    the same update through a weight site instead, ``W`` scaled by rows (and ``b ← l ⊙ b``) or
+    by columns, so it acts however the weight is read; ``dh.summary`` marks such parts
+    "via weight".
 
     Args:
         targets: which layers get a vector, in the target syntax of
@@ -149,19 +157,26 @@ class IA3(DeltaSpec):
             with torch.no_grad():
                 vector.normal_(1.0, 0.25)
         dim = channel_dim(module)  # a conv's input holds its channels where its output does
-        if feedforward:
-            site = InputSite(partial(scale_input, dim), ("ia3_l",))
+        direct = needs_weight_site("IA3", path, module, root)
+        if direct:  # the model reads the weight without calling the layer: scale it there
+            groups = module.groups if kind == CONV else 1
+            sites = [WeightSite(partial(scaled_weight, kind, feedforward, groups), "weight", NAMES)]
+            if not feedforward and isinstance(getattr(module, "bias", None), torch.Tensor):
+                sites.append(WeightSite(scaled_bias, "bias", NAMES))
+        elif feedforward:
+            sites = [InputSite(partial(scale_input, dim), NAMES)]
         else:
-            site = OutputSite(partial(scale_output, dim), ("ia3_l",))
+            sites = [OutputSite(partial(scale_output, dim), NAMES)]
         # A scale of the layer: it merges after additive updates of the same delta
         # (merge_order 2) and only while no other unmerged delta acts on this layer.
         return Part(
             path,
             {"ia3_l": vector},
-            [site],
+            sites,
             merge=partial(merged, kind, feedforward),
             merge_order=2,
             exclusive_merge=True,
+            note=WHY if direct else "",
         )
 
 
@@ -185,27 +200,43 @@ def scale_input(dim: int, module: nn.Module, x, tensors):
     return (x * along_channels(vector, dim, x.dim())).to(x.dtype)
 
 
-def weight_factor(kind: str, feedforward: bool, module: nn.Module, vector: torch.Tensor):
-    """The vector shaped to multiply the weight's input columns or output rows."""
+def weight_factor(
+    kind: str, feedforward: bool, groups: int, weight: torch.Tensor, vector: torch.Tensor
+):
+    """The vector shaped to multiply ``weight``'s input columns or output rows."""
     if kind != CONV:  # an out × in factor, put in the layer's own layout
         matrix = vector[None, :] if feedforward else vector[:, None]
-        return to_weight_layout(module, matrix)
-    ones = [1] * (module.weight.dim() - 2)
+        return matrix.t() if kind in (CONV1D_GPT2, EMBEDDING) else matrix
+    ones = [1] * (weight.dim() - 2)
     if not feedforward:
         return vector.view(-1, 1, *ones)
     # weight (out, in / groups, *kernel): output channel o of group g reads the inputs
     # g · in/groups ... (g + 1) · in/groups - 1
-    per_group = vector.view(module.groups, -1)
-    factor = per_group.repeat_interleave(module.out_channels // module.groups, dim=0)
+    per_group = vector.view(groups, -1)
+    factor = per_group.repeat_interleave(weight.shape[0] // groups, dim=0)
     return factor.view(*factor.shape, *ones)
+
+
+def scaled_weight(kind: str, feedforward: bool, groups: int, weight: torch.Tensor, tensors):
+    """The weight with its output rows (or input columns) scaled: the weight site of a
+    layer the model reads without calling it."""
+    (vector,) = tensors
+    return weight * weight_factor(kind, feedforward, groups, weight, vector)
+
+
+def scaled_bias(bias: torch.Tensor, tensors) -> torch.Tensor:
+    """``l ⊙ b``: the bias of a scaled output."""
+    (vector,) = tensors
+    return bias * vector
 
 
 def merged(kind: str, feedforward: bool, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
     weight = stored(module, "weight")
     exact = torch.promote_types(weight.dtype, torch.float32)
     vector = tensors["ia3_l"].to(exact)
-    factor = weight_factor(kind, feedforward, module, vector)
-    values = {"weight": (weight.to(exact) * factor).to(weight.dtype)}
+    groups = module.groups if kind == CONV else 1
+    values = {"weight": scaled_weight(kind, feedforward, groups, weight.to(exact), (vector,))}
+    values["weight"] = values["weight"].to(weight.dtype)
     if not feedforward and isinstance(getattr(module, "bias", None), torch.Tensor):
         bias = stored(module, "bias")
         values["bias"] = (bias.to(exact) * vector).to(bias.dtype)

@@ -52,10 +52,9 @@ class LNTuning(DeltaSpec):
     the same, with PEFT's trained values equal to base + delta. Running statistics
     (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``) are held as
     copies that the layer updates in train mode, saved with the delta, so the base
-    model's buffers never change. ``copy.deepcopy`` of a model with the delta attached
-    works, but ``pickle`` / ``torch.save(model)`` do not: torch refuses to serialise
-    parametrized modules; save the delta with ``delta.save()`` (or detach first). LNTuning
-    has no hyperparameters; its arguments are keyword-only.
+    model's buffers never change. ``copy.deepcopy``, ``pickle`` and ``torch.save(model)``
+    of a model with the delta attached give a working copy. LNTuning has no
+    hyperparameters; its arguments are keyword-only.
 
     Args:
         targets: which normalisation layers to tune, in the target syntax of

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate
+from ..direct_reads import WHY, merged_by_sites, needs_weight_site
 from ..errors import DeltaStateError, SpecError, UnsupportedModuleError, warn
 from ..layers import (
     CONV,
@@ -39,7 +40,7 @@ from ..layers import (
 from ..ledger import join
 from ..merging import stored
 from ..registry import registry_of
-from ..sites import OutputSite, RedirectSite
+from ..sites import OutputSite, RedirectSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import ParameterPath, first_match
 from . import lora_parameters
@@ -62,6 +63,15 @@ class LoRA(DeltaSpec):
     layouts. ``delta.merge()`` folds ``s · BA`` into the weight. Every argument is
     keyword-only and checked when the spec is created: a bad value raises
     :class:`deltahooks.SpecError` at once, before any model is touched.
+
+    A layer the model reads without calling it (its parent's ``forward`` reads
+    ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
+    ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
+    the same update through a weight site instead, ``W ← W + s · BA`` (DoRA: its rescaled
+    weight), so it acts however the weight is read; ``dh.summary`` marks such parts "via
+    weight". ``dropout`` does not apply there (a warning says so) and the PiSSA/OLoRA inits
+    are refused. ``nn.MultiheadAttention`` is a target too: a pair on ``in_proj_weight`` (or
+    on each of ``q/k/v_proj_weight``) and one on ``out_proj.weight``, as PEFT adapts it.
 
     Args:
         targets: which modules get an update, in the target syntax of
@@ -176,6 +186,8 @@ class LoRA(DeltaSpec):
             lora_parameters.check(self, path, module)
             return
         kind = kind_of(module)
+        if isinstance(module, nn.MultiheadAttention):
+            return
         if kind not in KINDS:
             raise UnsupportedModuleError(
                 f"LoRA cannot adapt {path!r} ({type(module).__name__}); it supports nn.Linear, "
@@ -198,7 +210,12 @@ class LoRA(DeltaSpec):
         """Plain LoRA reads only the layer's input and output, so it adapts quantized layers
         (QLoRA); DoRA (the weight's norm), PiSSA/OLoRA (its decomposition) and parameter
         targets (a weight site) read the weight."""
-        return isinstance(path, ParameterPath) or self.dora or self.init in RESIDUAL_INITS
+        return (
+            isinstance(path, ParameterPath)
+            or isinstance(module, nn.MultiheadAttention)
+            or self.dora
+            or self.init in RESIDUAL_INITS
+        )
 
     def rank_and_scale(self, path: str, module: nn.Module, root: nn.Module) -> tuple[int, float]:
         """The rank and the scale ``s`` (``alpha / r`` or ``alpha / √r``) of the update on
@@ -220,8 +237,18 @@ class LoRA(DeltaSpec):
     ) -> Part:
         if isinstance(path, ParameterPath):
             return lora_parameters.make_part(self, path, module, root, device=device)
+        if isinstance(module, nn.MultiheadAttention):
+            return self._attention_part(path, module, root, device)
         rank, scale = self.rank_and_scale(path, module, root)
         kind = kind_of(module)
+        direct = needs_weight_site("LoRA", path, module, root)
+        if direct and self.init in RESIDUAL_INITS:
+            raise UnsupportedModuleError(
+                f"LoRA init={self.init!r} cannot start {path!r}: the model reads its weight "
+                "directly instead of calling it, so LoRA acts through the weight there, and "
+                "the residual of PiSSA/OLoRA replaces that weight; exclude it (exclude=...) "
+                "or use another init"
+            )
         weight = module.weight
         like = tensor_options(module, device)  # a quantized layer's compute dtype
         fan_in, fan_out = widths(module)  # its real widths, not its packed storage's
@@ -248,6 +275,8 @@ class LoRA(DeltaSpec):
             if self.init not in RESIDUAL_INITS:
                 _initialise(a, b, self.init, kind, rank)
         dropout = 0.0 if kind == EMBEDDING else self.dropout
+        if direct:
+            _warn_dropout(path, dropout, device)
         tensors = {"lora_A": a, "lora_B": b}
         extra: dict = {}
         if self.init in RESIDUAL_INITS:
@@ -260,7 +289,12 @@ class LoRA(DeltaSpec):
             tensors[(path, "weight")] = (residual, False)
             extra = {"sites": [RedirectSite(((path, "weight"),))], "unsaved": ["weight"]}
         if self.dora:
-            return self._dora_part(path, module, tensors, kind, scale, dropout, device, extra)
+            return self._dora_part(
+                path, module, tensors, kind, scale, dropout, device, extra, direct
+            )
+        if direct:  # the model reads the weight without calling the layer: a hook never fires
+            site = WeightSite(partial(lora_weight, kind, scale), "weight", ("lora_A", "lora_B"))
+            return Part(path, tensors, [site], merge=partial(merged_weight, scale), note=WHY)
         # prepend: the update is part of the layer, so it runs before any other forward
         # hook of the module (an Adapter on the same output sees base + update, merged or not)
         site = OutputSite(
@@ -274,7 +308,9 @@ class LoRA(DeltaSpec):
             unsaved=extra.get("unsaved", ()),
         )
 
-    def _dora_part(self, path, module, tensors, kind, scale, dropout, device, extra) -> Part:
+    def _dora_part(
+        self, path, module, tensors, kind, scale, dropout, device, extra, direct=False
+    ) -> Part:
         weight = tensors.get((path, "weight"), (module.weight,))[0]  # PiSSA's residual
         out = widths(module)[1]
         shape = (1, out, *([1] * (weight.dim() - 2))) if kind == CONV else (out,)
@@ -289,12 +325,13 @@ class LoRA(DeltaSpec):
         # forward's) in every training step; on the output the magnitude's gradient is a
         # per-channel reduction. Timed (CPU, 1 thread, 1024² Linear, 512 tokens, median of
         # 20 interleaved rounds): train step 1.6x slower as a weight site, forward 0.94-0.99x.
-        site = OutputSite(
-            partial(dora_bypass, kind, scale, dropout),
-            ("lora_A", "lora_B", "lora_magnitude_vector"),
-            in_place=True,
-            prepend=True,
-        )
+        names = ("lora_A", "lora_B", "lora_magnitude_vector")
+        if direct:  # the model reads the weight without calling the layer
+            site = WeightSite(partial(dora_weight, kind, scale), "weight", names)
+        else:
+            site = OutputSite(
+                partial(dora_bypass, kind, scale, dropout), names, in_place=True, prepend=True
+            )
         # a scale of the layer's channels: exact to merge only while no other unmerged
         # delta adds to the same layer (its update would be rescaled too, or not)
         return Part(
@@ -305,7 +342,49 @@ class LoRA(DeltaSpec):
             merge_order=2,
             exclusive_merge=True,
             unsaved=extra.get("unsaved", ()),
+            note=WHY if direct else "",
         )
+
+    def _attention_part(self, path: str, module: nn.MultiheadAttention, root, device) -> Part:
+        """LoRA on torch's ``nn.MultiheadAttention``: weight sites on its input projection
+        (``in_proj_weight``, or ``q/k/v_proj_weight`` when they are separate) and on
+        ``out_proj.weight``, since ``F.multi_head_attention_forward`` reads them all
+        without calling a layer. The input projection's factors sit on the module
+        (``lora_A``/``lora_B``, or ``q_proj_weight.lora_A``, ...), ``out_proj``'s on it."""
+        if self.dora or self.init in RESIDUAL_INITS:
+            raise UnsupportedModuleError(
+                f"LoRA {'dora=True' if self.dora else f'init={self.init!r}'} cannot adapt "
+                f"{path!r} (nn.MultiheadAttention): it acts through the attention's weight "
+                "tensors, which that setting does not support; target it with a separate "
+                "dh.LoRA spec without it"
+            )
+        rank, scale = self.rank_and_scale(path, module, root)
+        _warn_dropout(path, self.dropout, device)
+        if module._qkv_same_embed_dim:
+            projections = [("in_proj_weight", "")]
+        else:
+            projections = [(f"{x}_proj_weight", f"{x}_proj_weight.") for x in "qkv"]
+        projections.append(("out_proj.weight", "out_proj"))
+        tensors, sites = {}, []
+        for attr, prefix in projections:
+            child, _, leaf = attr.rpartition(".")
+            weight = stored(module.get_submodule(child), leaf)
+            fan_out, fan_in = weight.shape
+            like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
+            a = torch.empty(rank, fan_in, **like)
+            b = torch.empty(fan_out, rank, **like)
+            if device is None:
+                _initialise(a, b, self.init, LINEAR, rank)
+            if child:  # factors on the submodule itself, named there
+                owner = join(path, child)
+                tensors[(owner, "lora_A")], tensors[(owner, "lora_B")] = a, b
+                names = ("lora_A", "lora_B")
+            else:
+                names = (f"{prefix}lora_A", f"{prefix}lora_B")
+                tensors[names[0]], tensors[names[1]] = a, b
+            sites.append(WeightSite(partial(lora_weight, LINEAR, scale), attr, names))
+        note = f"via weights ({', '.join(site.attr for site in sites)})"
+        return Part(path, tensors, sites, merge=partial(merged_by_sites, sites), note=note)
 
 
 @torch.no_grad()
@@ -364,6 +443,39 @@ def _decompose(a, b, residual, weight, init: str, kind: str, scale: float) -> No
 def to_weight_layout_of(kind: str, matrix: torch.Tensor) -> torch.Tensor:
     """An out × in matrix in a Linear's or GPT-2 Conv1D's own layout."""
     return matrix.t() if kind == CONV1D_GPT2 else matrix
+
+
+def _warn_dropout(path: str, dropout: float, device) -> None:
+    if dropout and device is None:
+        warn(
+            f"LoRA dropout={dropout} does not apply on {path!r}: the model reads its weight "
+            "directly instead of calling it, so the update is folded into the weight "
+            "(W + sBA), where dropout on the layer's input has no place; exclude it to keep "
+            "dropout everywhere else, or accept it without dropout there"
+        )
+
+
+def lora_weight(kind: str, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``W + s · BA`` in the weight's own layout: the weight site of a layer the model
+    reads without calling it (one fused multiply-add; autograd keeps only ``A``, ``B``)."""
+    a, b = tensors
+    if kind == LINEAR:
+        return lora_parameters.updated_weight(False, scale, weight, tensors)
+    if kind in (CONV1D_GPT2, EMBEDDING):  # stored in × out: (BA)ᵀ = AᵀBᵀ
+        return torch.addmm(weight, a.t(), b.t(), alpha=scale)
+    flat = torch.addmm(weight.flatten(1), b.flatten(1), a.flatten(1), alpha=scale)
+    return flat.view_as(weight)
+
+
+def dora_weight(kind: str, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``m ⊙ (W + sBA) / ‖W + sBA‖`` per output channel (the norm a constant in backward),
+    in the weight's layout: DoRA's weight site."""
+    a, b, magnitude = tensors
+    factor = magnitude.reshape(-1) / weight_norm(kind, scale, weight, a, b)
+    full = lora_weight(kind, scale, weight, (a, b))
+    if kind in (CONV1D_GPT2, EMBEDDING):  # channels are columns
+        return full * factor
+    return full * factor.view(-1, *([1] * (full.dim() - 1)))
 
 
 def bypass(kind: str, scale: float, dropout: float, module: nn.Module, x, y, tensors, writable):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import validate
+from ..direct_reads import WHY, needs_weight_site
 from ..errors import SpecError, UnsupportedModuleError
 from ..layers import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, kind_of, widths
 from ..merging import stored
@@ -137,8 +138,12 @@ class OFT(DeltaSpec):
             with torch.no_grad():
                 vector.normal_(0.0, 0.1)
         terms = self.num_cayley_neumann_terms if self.use_cayley_neumann else None
+        direct = kind != CONV and needs_weight_site("OFT", path, module, root)
         if kind == CONV:  # a filter's inputs overlap between positions: rotate the weight
             site, order = WeightSite(partial(rotate_weight, size, terms), "weight", ("oft_R",)), 0
+        elif direct:  # the model reads the weight without calling the layer: rotate it there
+            site = WeightSite(partial(oft_weight, kind, size, terms), "weight", ("oft_R",))
+            order = 0
         elif kind == EMBEDDING:
             site, order = OutputSite(partial(rotate_output, size, terms), ("oft_R",)), 2
         else:
@@ -153,6 +158,7 @@ class OFT(DeltaSpec):
             merge=partial(merged, kind, size, terms),
             merge_order=order,
             exclusive_merge=True,
+            note=WHY if direct else "",
         )
 
 
@@ -180,6 +186,13 @@ def rotate_weight(size: int, terms: int | None, weight: torch.Tensor, tensors) -
     (vector,) = tensors
     blocks = rotation(vector, size, terms).to(weight.dtype)
     return rotate(weight.flatten(1), blocks, transpose=True).view_as(weight)
+
+
+def oft_weight(kind: str, size: int, terms: int | None, weight: torch.Tensor, tensors):
+    """The weight with ``R`` folded in, in its own layout: the weight site of a layer the
+    model reads without calling it."""
+    (vector,) = tensors
+    return rotated_weight(kind, weight, rotation(vector, size, terms).to(weight.dtype))
 
 
 def rotated_weight(kind: str, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

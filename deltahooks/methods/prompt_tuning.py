@@ -28,10 +28,12 @@ from ..sites import RootCallSite, first_tensor
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
 from ..targets import Target
 from ._calls import (
+    EMBEDS_NAMES,
     ROOT,
-    arg_names,
+    CallNames,
     bind,
-    cached_length,
+    cached,
+    call_names,
     extend_mask,
     is_encoder_decoder,
     one_target,
@@ -145,12 +147,12 @@ class PromptTuning(DeltaSpec):
             at = join(path, path_of(module, encoder))
             sites = [
                 RootCallSite(
-                    partial(extend_cross_mask, self.num_tokens, arg_names(module)), (), path
+                    partial(extend_cross_mask, self.num_tokens, call_names(module)), (), path
                 ),
-                RootCallSite(partial(prompt_encoder, arg_names(encoder)), names, at),
+                RootCallSite(partial(prompt_encoder, call_names(encoder)), names, at),
             ]
         else:
-            sites = [RootCallSite(partial(prompt_call, arg_names(module)), names, path)]
+            sites = [RootCallSite(partial(prompt_call, call_names(module)), names, path)]
         return Part(
             path,
             {"prompt_embeddings": prompt},
@@ -203,10 +205,11 @@ def check_embeddings(owner: str, path: str, module: nn.Module) -> None:
 
 
 def takes_inputs_embeds(owner: str, where: str, module: nn.Module) -> None:
-    if "inputs_embeds" not in inspect.signature(module.forward).parameters:
+    if call_names(module).embeds not in inspect.signature(module.forward).parameters:
         raise UnsupportedModuleError(
             f"{owner} feeds embeddings to {where} ({type(module).__name__}), but its forward "
-            "takes no inputs_embeds argument; this model cannot be prompted through embeddings"
+            f"takes no embeddings argument (looked for {' or '.join(EMBEDS_NAMES)}); this model "
+            "cannot be prompted through embeddings"
         )
 
 
@@ -244,8 +247,8 @@ def initialise(prompt: torch.Tensor, weight: torch.Tensor, init: str, init_text)
 
 
 # ----------------------------------------------------------------------- the call rewrites
-def embedded(module: nn.Module, kwargs: dict) -> torch.Tensor | None:
-    embeds = kwargs.get("inputs_embeds")
+def embedded(module: nn.Module, kwargs: dict, name: str) -> torch.Tensor | None:
+    embeds = kwargs.get(name)
     if embeds is None and kwargs.get("input_ids") is not None:
         embeds = module.get_input_embeddings()(kwargs["input_ids"])
     return embeds
@@ -256,35 +259,37 @@ def with_prompt(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
     return torch.cat((front, embeds), dim=1)
 
 
-def prompt_call(names, module: nn.Module, args: tuple, kwargs: dict, tensors):
+def prompt_call(names: CallNames, module: nn.Module, args: tuple, kwargs: dict, tensors):
     """Decoder-only and encoder-only models: the whole call, prompt and all."""
     (prompt,) = tensors
     count = prompt.shape[0]
-    kwargs = bind(names, args, kwargs)
-    past = cached_length(kwargs.get("past_key_values"))
-    step = sequence(kwargs)
+    kwargs = bind(names.positional, args, kwargs)
+    filled, past = cached(names.get_cache(kwargs))
+    step = sequence(kwargs, names.embeds)
     if step is None:  # nothing to prompt (the model will say what it misses)
         return (), kwargs
-    if past:  # continuing a sequence whose prompt is cached: shift past it
-        if "attention_mask" in kwargs:
-            kwargs["attention_mask"] = extend_mask(
-                kwargs["attention_mask"], count, past + step.shape[1]
-            )
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + count
+    mask, positions = names.mask, names.positions
+    if filled:  # continuing a sequence whose prompt is cached: shift past it
+        # a cache of states only (Mamba) has no positions to shift past: its masks cover
+        # the new tokens alone, and the model counts no positions
+        if past is not None and mask in kwargs:
+            kwargs[mask] = extend_mask(kwargs[mask], count, past + step.shape[1])
+        if past is not None and kwargs.get(positions) is not None:
+            kwargs[positions] = kwargs[positions] + count
         return (), kwargs
-    embeds = embedded(module, kwargs)
+    embeds = embedded(module, kwargs, names.embeds)
     length = embeds.shape[1]
     if "input_ids" in kwargs:
         kwargs["input_ids"] = None
-    kwargs["inputs_embeds"] = with_prompt(prompt, embeds)
-    if "attention_mask" in kwargs:
-        kwargs["attention_mask"] = extend_mask(kwargs["attention_mask"], count, count + length)
-    positions = kwargs.get("position_ids")
-    if positions is not None:
-        front = torch.arange(count, dtype=positions.dtype, device=positions.device)
-        front = front.expand(*positions.shape[:-1], count)
-        kwargs["position_ids"] = torch.cat((front, positions + count), dim=-1)
+    kwargs[names.embeds] = with_prompt(prompt, embeds)
+    if mask in kwargs:
+        kwargs[mask] = extend_mask(kwargs[mask], count, count + length)
+    for name in (positions, names.cache_positions):  # the prompt takes 0..count-1
+        given = kwargs.get(name)
+        if given is not None:
+            front = torch.arange(count, dtype=given.dtype, device=given.device)
+            front = front.expand(*given.shape[:-1], count)
+            kwargs[name] = torch.cat((front, given + count), dim=-1)
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], count, 0)
     labels = kwargs.get("labels")
@@ -298,36 +303,38 @@ def prompt_call(names, module: nn.Module, args: tuple, kwargs: dict, tensors):
     return (), kwargs
 
 
-def prompt_encoder(names, encoder: nn.Module, args: tuple, kwargs: dict, tensors):
+def prompt_encoder(names: CallNames, encoder: nn.Module, args: tuple, kwargs: dict, tensors):
     """The encoder of an encoder-decoder model: the prompt in front of its input."""
     (prompt,) = tensors
-    kwargs = bind(names, args, kwargs)
-    embeds = embedded(encoder, kwargs)
+    kwargs = bind(names.positional, args, kwargs)
+    embeds = embedded(encoder, kwargs, names.embeds)
     if embeds is None:
         return (), kwargs
     count, length = prompt.shape[0], embeds.shape[1]
     if "input_ids" in kwargs:
         kwargs["input_ids"] = None
-    kwargs["inputs_embeds"] = with_prompt(prompt, embeds)
-    if "attention_mask" in kwargs:
-        kwargs["attention_mask"] = extend_mask(kwargs["attention_mask"], count, count + length)
+    kwargs[names.embeds] = with_prompt(prompt, embeds)
+    if names.mask in kwargs:
+        kwargs[names.mask] = extend_mask(kwargs[names.mask], count, count + length)
     return (), kwargs
 
 
-def extend_cross_mask(count: int, names, model: nn.Module, args: tuple, kwargs: dict, tensors):
+def extend_cross_mask(
+    count: int, names: CallNames, model: nn.Module, args: tuple, kwargs: dict, tensors
+):
     """The encoder-decoder model's call: its encoder mask must cover the prompt too.
 
     The decoder attends to the encoder's output, prompt included, through this mask.
     """
-    kwargs = bind(names, args, kwargs)
+    kwargs = bind(names.positional, args, kwargs)
     encoded = first_tensor(kwargs.get("encoder_outputs"))
     if encoded is not None:  # generate() ran the encoder (and its prompt) already
         total = encoded.shape[1]
     else:
-        source = sequence(kwargs)
+        source = sequence(kwargs, names.embeds)
         if source is None:
             return (), kwargs
         total = count + source.shape[1]
-    if "attention_mask" in kwargs:
-        kwargs["attention_mask"] = extend_mask(kwargs["attention_mask"], count, total)
+    if names.mask in kwargs:
+        kwargs[names.mask] = extend_mask(kwargs[names.mask], count, total)
     return (), kwargs

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate
-from ..errors import SpecError, UnsupportedModuleError
+from ..direct_reads import WHY, needs_weight_site
+from ..errors import SpecError, UnsupportedModuleError, warn
 from ..layers import CONV1D_GPT2, LINEAR, kind_of, to_weight_layout, widths
 from ..merging import stored
-from ..sites import OutputSite
+from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, SharedTensor, register_method, tensor_options
 
 KINDS = (LINEAR, CONV1D_GPT2)
@@ -43,6 +44,13 @@ class VeRA(DeltaSpec):
     trainable numbers than LoRA at the same rank. The math, the initialisation and the
     tensor names and layouts are PEFT's ``VeraConfig``'s, and ``delta.merge()`` folds
     ``diag(λ_b) B diag(λ_d) A`` into the weight.
+
+    A layer the model reads without calling it (its parent's ``forward`` reads
+    ``layer.weight`` itself, as transformers' Mamba does with ``dt_proj`` and torch's
+    ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
+    the same update through a weight site instead, ``W ← W + diag(λ_b) B diag(λ_d) A``, so
+    it acts however the weight is read; ``dh.summary`` marks such parts "via weight".
+    ``dropout`` does not apply there (a warning says so).
 
     Args:
         targets: which layers get an update, in the target syntax of
@@ -147,14 +155,29 @@ class VeRA(DeltaSpec):
         # An output site, not a weight site: measured on CPU (train step, r=256, 1024
         # tokens), the two tie at width 768 and the site is 1.35x faster at width 1536,
         # and it keeps no full-size W + ΔW alive for backward.
-        site = OutputSite(
-            partial(update, fan_in, fan_out, self.dropout),
-            ("vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b"),
-            in_place=True,
-            prepend=True,
-        )
+        names = ("vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b")
+        direct = needs_weight_site("VeRA", path, module, root)
+        if direct:  # the model reads the weight without calling the layer: update it there
+            if self.dropout and device is None:
+                warn(
+                    f"VeRA dropout={self.dropout} does not apply on {path!r}: the model reads "
+                    "its weight directly, so the update is folded into the weight, where "
+                    "dropout on the layer's input has no place"
+                )
+            kind = kind_of(module)
+            site = WeightSite(partial(updated_weight, kind, fan_in, fan_out), "weight", names)
+        else:
+            site = OutputSite(
+                partial(update, fan_in, fan_out, self.dropout), names, in_place=True, prepend=True
+            )
         tensors = {"vera_lambda_b": lambda_b, "vera_lambda_d": lambda_d}
-        return Part(path, tensors, [site], merge=partial(merged_weight, fan_in, fan_out))
+        return Part(
+            path,
+            tensors,
+            [site],
+            merge=partial(merged_weight, fan_in, fan_out),
+            note=WHY if direct else "",
+        )
 
 
 def projections(r: int, fan_in: int, fan_out: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +221,15 @@ def update(fan_in: int, fan_out: int, dropout: float, module: nn.Module, x, y, t
         y.view(-1, y.shape[-1]).addmm_(h, up.t())
         return y
     return torch.addmm(y.reshape(-1, y.shape[-1]).to(h.dtype), h, up.t()).view(y.shape).to(y.dtype)
+
+
+def updated_weight(kind: str, fan_in: int, fan_out: int, weight: torch.Tensor, tensors):
+    """``W + diag(λ_b) B diag(λ_d) A`` in the weight's layout: the weight site of a layer
+    the model reads without calling it."""
+    down, up = scaled_factors(fan_in, fan_out, tensors)
+    if kind == CONV1D_GPT2:  # stored in × out
+        return torch.addmm(weight, down.t(), up.t())
+    return torch.addmm(weight, up, down)
 
 
 def merged_weight(fan_in: int, fan_out: int, module: nn.Module, tensors) -> dict[str, torch.Tensor]:

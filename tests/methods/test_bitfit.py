@@ -200,3 +200,30 @@ def test_bad_inputs_leave_the_model_unchanged():
     check_refused(model, dh.BitFit(targets=["flat"]), dh.UnsupportedModuleError, "LayerNorm")
     with pytest.raises(dh.SpecError, match="targets is empty"):
         dh.BitFit(targets=[])
+
+
+def test_bias_parameters_of_modules_that_are_not_layers_are_in_the_default():
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    delta = dh.attach(model, dh.BitFit())
+    assert "self_attn.in_proj_bias.bitfit_bias" in delta.state_dict()
+    assert sum(p.numel() for p in delta.parameters()) == biases
+
+
+def test_a_bias_parameter_is_addressable_by_its_path():
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).eval()
+    delta = dh.attach(model, dh.BitFit(targets=["self_attn.in_proj_bias"]))
+    assert delta.paths == ["self_attn.in_proj_bias"]
+    assert list(delta.state_dict()) == ["self_attn.in_proj_bias.bitfit_bias"]
+    x = torch.randn(3, 2, 8)
+    with torch.no_grad():
+        base = model(x)
+        delta.state_dict(keep_vars=True)["self_attn.in_proj_bias.bitfit_bias"].fill_(0.5)
+        assert not torch.allclose(model(x), base, atol=1e-4)
+
+
+def test_a_parameter_that_is_no_bias_is_refused():
+    model = nn.TransformerEncoderLayer(8, 2, 16)
+    check_refused(
+        model, dh.BitFit(targets=["self_attn.in_proj_weight"]), dh.UnsupportedModuleError, "bias"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 
 import pytest
@@ -55,6 +56,18 @@ def real_inputs(name, inputs):
     return {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
 
 
+def skip_where_peft_misses_the_cache(model):
+    """PEFT 0.21 hands prompts and prefixes over as ``past_key_values``; transformers 5.24
+    renamed the forward's argument to ``cache``, and PEFT then refuses BERT and generates
+    wrong tokens (its cache is missed, as ours was). Parity with PEFT is checked where PEFT
+    works; cached steps are checked against plain forwards everywhere in
+    tests/test_generation_cache.py.
+    """
+    forwards = (model.forward, model.base_model.forward)
+    if all("past_key_values" not in inspect.signature(f).parameters for f in forwards):
+        pytest.skip("PEFT passes past_key_values, which this transformers calls cache")
+
+
 # ------------------------------------------------------------------------------ parity
 @pytest.mark.parametrize("name", TEXT_MODELS)
 def test_same_logits_and_loss_as_peft(name):
@@ -84,6 +97,7 @@ def test_generate_matches_peft(name, beams):
     them (see test_generate_with_cache_equals_a_manual_greedy_loop), which differs on
     padded rows of models with absolute positions."""
     model, inputs, _ = build(name)
+    skip_where_peft_misses_the_cache(model)
     inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
     twin = copy.deepcopy(model)
     delta = dh.attach(model, dh.PromptTuning(num_tokens=P, init="vocab"))
@@ -391,7 +405,9 @@ def test_a_model_without_inputs_embeds_is_refused_at_attach():
 
     model = Tokens()
     before = snapshot(model)
-    with pytest.raises(dh.UnsupportedModuleError, match="takes no inputs_embeds"):
+    with pytest.raises(
+        dh.UnsupportedModuleError, match=r"takes no embeddings argument.*inputs_embeds"
+    ):
         dh.attach(model, dh.PromptTuning(num_tokens=2))
     assert_restored(model, before)
 
