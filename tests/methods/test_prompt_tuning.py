@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 
 import pytest
@@ -17,7 +16,7 @@ import deltahooks as dh
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from tiny_models import MODELS  # noqa: E402  (after the importorskip)
+from tiny_models import MODELS, skip_where_peft_misses_the_cache  # noqa: E402
 
 TEXT_MODELS = ["gpt2", "llama", "opt", "bert", "t5"]
 DECODERS = ["gpt2", "llama", "opt"]
@@ -54,18 +53,6 @@ def build(name, seed=0):
 def real_inputs(name, inputs):
     """What generate() takes: the encoder/prompt inputs only."""
     return {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
-
-
-def skip_where_peft_misses_the_cache(model):
-    """PEFT 0.21 hands prompts and prefixes over as ``past_key_values``; transformers 5.24
-    renamed the forward's argument to ``cache``, and PEFT then refuses BERT and generates
-    wrong tokens (its cache is missed, as ours was). Parity with PEFT is checked where PEFT
-    works; cached steps are checked against plain forwards everywhere in
-    tests/test_generation_cache.py.
-    """
-    forwards = (model.forward, model.base_model.forward)
-    if all("past_key_values" not in inspect.signature(f).parameters for f in forwards):
-        pytest.skip("PEFT passes past_key_values, which this transformers calls cache")
 
 
 # ------------------------------------------------------------------------------ parity
