@@ -4,7 +4,9 @@ recorded here, so that detach removes exactly what was added and nothing else.
 Entries name modules by their path from the delta's root, never by a captured module
 object, so a deep-copied model's ledger undoes on the copy, and code that swaps a
 module's parameters (FSDP2, ``model.to``) does not leave the ledger pointing at stale
-tensors. Hooks registered by others (accelerate, FSDP, user code) are never touched.
+tensors. Hooks registered by others (accelerate, FSDP, user code) are never removed or
+changed; a delta's forward hook only goes in front of those already on its module (see
+:meth:`Ledger.forward_hook`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,20 @@ class HookEntry:
     path: str
     handle: RemovableHandle
     hook: object = None  # the hook itself, for code that reads what it recorded
+
+
+def _is_ours(hook) -> bool:
+    """True for a hook object that deltahooks made (a bound method counts by its object)."""
+    owner = getattr(hook, "__self__", hook)
+    return type(owner).__module__.partition(".")[0] == __name__.partition(".")[0]
+
+
+def _move_ahead_of_foreign_hooks(hooks: dict, hook_id: int) -> None:
+    """Move every foreign hook that runs before ``hook_id`` behind it, keeping their order."""
+    ahead = list(hooks)[: list(hooks).index(hook_id)]
+    for key in ahead:
+        if not _is_ours(hooks[key]):
+            hooks.move_to_end(key)
 
 
 @dataclass
@@ -151,7 +167,18 @@ class Ledger:
         return store[entry.reserved]
 
     def forward_hook(self, path: str, hook, **options) -> HookEntry:
-        handle = self.module(path).register_forward_hook(hook, **options)
+        """Register ``hook`` after the deltas' hooks on the module but before any other's.
+
+        A delta is part of the module it acts on, so every hook that someone else put on
+        the module sees the delta's output, including hooks registered before the attach:
+        transformers installs hidden-state recorders on a model's first forward, and a
+        delta attached after it would otherwise act too late for what they record.
+        ``prepend=True`` goes in front of every hook, the deltas' own included.
+        """
+        module = self.module(path)
+        handle = module.register_forward_hook(hook, **options)
+        if not options.get("prepend", False):
+            _move_ahead_of_foreign_hooks(module._forward_hooks, handle.id)
         entry = HookEntry(path, handle, hook)
         self.entries.append(entry)
         return entry

@@ -165,7 +165,6 @@ class OpenBug:
 
 
 CHANNELS_FIRST = ("BitFit", "Adapter", "ParallelAdapter", "LowRankAdapter", "Compacter", "ReFT")
-AFTER_RECORDER = ("Adapter", "ParallelAdapter", "LowRankAdapter", "Compacter", "ReFT")
 OPEN_BUGS: list[OpenBug] = [
     OpenBug(
         tuple((m, "convnext") for m in CHANNELS_FIRST),
@@ -173,10 +172,6 @@ OPEN_BUGS: list[OpenBug] = [
     ),
     OpenBug((("ParallelAdapter", "swin"),), "ParallelAdapter on a Swin stage"),
     OpenBug((("PrefixTuning", "whisper"),), "PrefixTuning on Whisper"),
-    OpenBug(
-        tuple((m, "llava") for m in AFTER_RECORDER),
-        "hooks that transformers installs on a model's first forward",
-    ),
 ]
 
 

@@ -211,6 +211,28 @@ def test_output_site(tmp_path):
     assert_outputs_equal(model(x), base)
 
 
+def test_hooks_registered_before_the_attach_see_the_deltas_output():
+    """transformers installs hidden-state recorders on a model's first forward; a delta
+    attached afterwards must still act before them, and detach restores their order."""
+    model, x = make()
+    seen = []
+    first = model.a.register_forward_hook(lambda m, args, y: seen.append(("first", y.clone())))
+    second = model.a.register_forward_hook(lambda m, args, y: seen.append(("second", y.clone())))
+    order = list(model.a._forward_hooks)
+    delta = dh.attach(model, OutputGain(targets=["a"]))
+    later = model.a.register_forward_hook(lambda m, args, y: seen.append(("later", y.clone())))
+    model(x)
+    adapted = nn.functional.linear(x, model.a.weight, model.a.bias) * 1.5
+    assert [name for name, _ in seen] == ["first", "second", "later"]
+    for _, y in seen:
+        torch.testing.assert_close(y, adapted)
+    delta.detach()
+    later.remove()
+    assert list(model.a._forward_hooks) == order
+    first.remove()
+    second.remove()
+
+
 def test_input_site_and_gradients_reach_only_the_delta():
     model, x = make()
     before = snapshot(model)
