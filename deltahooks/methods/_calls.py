@@ -75,6 +75,9 @@ class CallNames:
     mask: str = "attention_mask"
     positions: str = "position_ids"
     embeds: str = "inputs_embeds"
+    # the switch that asks for a cache, when the forward has one: a model may hand its
+    # layers the cache only when it is on (Whisper's decoder)
+    use_cache: str | None = None
 
     def get_cache(self, kwargs: dict):
         """The call's cache, under this forward's name or an older one it still accepts."""
@@ -113,6 +116,7 @@ def call_names(module: nn.Module) -> CallNames:
         mask=first_named(params, MASK_NAMES, MASK_NAMES[0]),
         positions=first_named(params, POSITION_NAMES, POSITION_NAMES[0]),
         embeds=first_named(params, EMBEDS_NAMES, EMBEDS_NAMES[0]),
+        use_cache=first_named(params, ("use_cache",), None),
     )
 
 

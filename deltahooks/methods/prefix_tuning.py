@@ -600,6 +600,22 @@ def decoder_sequence(kwargs: dict) -> torch.Tensor | None:
     return None
 
 
+def asks_for_cache(names: CallNames, kwargs: dict, backbone: nn.Module) -> bool:
+    """Whether the call wants a cache back: its ``use_cache``, else the model config's."""
+    asked = kwargs.get(names.use_cache) if names.use_cache else None
+    if asked is None:
+        asked = getattr(getattr(backbone, "config", None), "use_cache", True)
+    return bool(asked)
+
+
+def hand_over(names: CallNames, kwargs: dict, cache) -> None:
+    """Pass ``cache`` with the cache switch on: Whisper's decoder gives its layers the cache
+    only when ``use_cache`` is, and they must see the prefixes in every call."""
+    names.set_cache(kwargs, cache)
+    if names.use_cache is not None:
+        kwargs[names.use_cache] = True
+
+
 def prefix_call(
     layout: Layout,
     names: CallNames,
@@ -635,18 +651,19 @@ def prefix_call(
         cache, own = replayed_cache(caches, layout, tensors, step.shape[0])
         setattr(cache, DISCARDED, True)
         in_flight.set(cache)
-        names.set_cache(kwargs, cache)
+        hand_over(names, kwargs, cache)
         past = count
     elif past == 0:
         dynamic, encoder_decoder_cache = caches
         if cache is None:
             cache = encoder_decoder_cache(dynamic(), dynamic()) if encoder_decoder else dynamic()
-            # some models hand the cache back even with use_cache=False; generate() would
-            # then pass it with the whole sequence again
-            setattr(cache, DISCARDED, kwargs.get("use_cache") is False)
+            # the call asked for no cache: the one made here holds the prefixes only for
+            # this call, and the model may hand it back all the same; generate() would then
+            # pass it with the whole sequence again
+            setattr(cache, DISCARDED, not asks_for_cache(names, kwargs, backbone))
         own = getattr(cache, "self_attention_cache", cache)
         fill(own, final_prefixes(tensors), layout, step.shape[0], type(own).update)
-        names.set_cache(kwargs, cache)
+        hand_over(names, kwargs, cache)
         past = count
     mask = "decoder_attention_mask" if encoder_decoder else names.mask
     if mask in kwargs:

@@ -467,3 +467,27 @@ def test_prefixes_of_latent_attention_do_not_export_to_peft(tmp_path):
         delta.save_peft(tmp_path / "peft")
     delta.save(tmp_path / "delta.safetensors")
     assert (tmp_path / "delta.safetensors").stat().st_size > 0
+
+
+def test_whisper_sees_the_prefixes_without_a_cache_too():
+    """Whisper's decoder hands its layers the cache only with ``use_cache`` on; a call that
+    asks for none (generate(use_cache=False), a plain forward) must still see the prefixes."""
+    from architectures import build as build_arch
+    from architectures import inputs_of
+
+    model = build_arch("whisper")
+    inputs = inputs_of("whisper")
+    delta = dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8))
+    with torch.no_grad():
+        cached = model(**inputs, use_cache=True).logits
+        plain = model(**inputs, use_cache=False).logits
+        with delta.disabled():
+            base = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(plain, cached, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, base)
+    features = {"input_features": inputs["input_features"]}
+    options = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    assert torch.equal(
+        model.generate(**features, **options, use_cache=False),
+        model.generate(**features, **options),
+    )
