@@ -20,10 +20,52 @@ from ..layers import CONV, EMBEDDING, kind_of, output_width
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
 
-def bottleneck(activation: str, scale: float, source, y, down, down_bias, up, up_bias):
-    """``y + scale · up(act(down(source)))``; weights in ``F.linear``'s out × in layout."""
+def bottleneck(module, activation: str, scale: float, source, y, down, down_bias, up, up_bias):
+    """``y + scale · up(act(down(source)))``; weights in ``F.linear``'s out × in layout.
+
+    ``source`` is ``y`` (an adapter on the output) or the module's input; a tensor that does
+    not fit the plan raises a clear error (:func:`check_fits`) instead of torch's.
+    """
+    if source.shape[-1] != down.shape[1] or y.shape[-1] != up.shape[0]:
+        check_fits(module, source, y, down.shape[1], up.shape[0])
+    elif source is not y and source.shape[:-1] != y.shape[:-1]:
+        check_fits(module, source, y, down.shape[1], up.shape[0])
     update = F.linear(ACTIVATIONS[activation](F.linear(source, down, down_bias)), up, up_bias)
     return y + (update if scale == 1.0 else update * scale)
+
+
+def check_fits(module: nn.Module, source, y, fan_in: int, fan_out: int) -> None:
+    """Raise :class:`~deltahooks.UnsupportedModuleError` saying why ``source``/``y`` do not fit.
+
+    A bottleneck reads and writes the last dimension of ``(..., width)`` tensors: a module
+    that keeps its channels first (ConvNeXt's stages: ``(N, C, H, W)``) or one whose output
+    has other leading dimensions than its input (Swin's stages merge patches) cannot take
+    one; the error names the shapes and what to target instead.
+    """
+    name = type(module).__name__
+    for what, tensor, width in (("output", y, fan_out), ("input", source, fan_in)):
+        if tensor.shape[-1] == width:
+            continue
+        first = [d for d in range(1, tensor.dim() - 1) if tensor.shape[d] == width]
+        where = f"a bottleneck adapter acts on the last dimension of {name}'s {what}"
+        if first:
+            raise UnsupportedModuleError(
+                f"{where}, which has shape {tuple(tensor.shape)}: its {width} channels are on "
+                f"dimension {first[0]} (channels first); target modules whose {what} keeps "
+                f"its channels last (the Linear layers inside {name}, say)"
+            )
+        raise UnsupportedModuleError(
+            f"{where}, which has shape {tuple(tensor.shape)}, but it was planned for "
+            f"(..., {width}) tensors (from the module's Linear layers, hidden_size= or "
+            f"config.hidden_size); pass hidden_size=... or target a module whose {what} is "
+            "its (..., width) hidden state"
+        )
+    raise UnsupportedModuleError(
+        f"a ParallelAdapter adds a function of {name}'s input {tuple(source.shape)} to its "
+        f"output {tuple(y.shape)}, whose leading dimensions differ ({name} changes the number "
+        "of tokens, as a patch-merging stage does); target modules that keep them (the blocks "
+        f"inside {name})"
+    )
 
 
 def plain_pair(

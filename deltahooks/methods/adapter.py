@@ -129,4 +129,4 @@ class Adapter(DeltaSpec):
 
 def residual(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
     """``y + s · up(act(down(y)))``."""
-    return bottleneck(activation, scale, y, y, *tensors)
+    return bottleneck(module, activation, scale, y, y, *tensors)

@@ -37,6 +37,22 @@ from ..targets import ParameterPath, Target
 
 KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV, NORM)
 
+TORCH_NORMS = (
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+"""Norm classes whose output channel dimension :func:`deltahooks.layers.channel_dim` knows
+(the exact classes: a subclass may move its channels)."""
+
+OWN_NORM = "via bias (a model's own norm layer: it adds its bias where it chooses)"
+
 
 def has_bias(module: nn.Module) -> bool:
     return isinstance(getattr(module, "bias", None), torch.Tensor)
@@ -110,7 +126,12 @@ class BitFit(DeltaSpec):
     ``nn.MultiheadAttention`` with ``out_proj``; see :mod:`deltahooks.direct_reads`) gets
     the same update through a weight site instead, ``b ← b + Δb``, so it acts however the
     weight is read; ``dh.summary`` marks such parts "via weight". Such a layer without a
-    bias of its own is refused (an added bias would not act).
+    bias of its own is refused (an added bias would not act). A norm layer of a model's own
+    class (anything but torch's exact ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, batch and
+    instance norms) that has a bias trains that bias in place the same way ("via bias"):
+    such a norm adds its bias where it chooses (ConvNeXt's channels-first ``LayerNorm``,
+    on dimension 1). A layer whose output does not hold its channels where the delta adds
+    them raises :class:`deltahooks.UnsupportedModuleError` at its first call.
 
     Args:
         targets: which layers get a trained bias, in the target syntax of
@@ -195,6 +216,11 @@ class BitFit(DeltaSpec):
         if direct:  # the model reads the bias without calling the layer: train it in place
             site = WeightSite(add_to_tensor, "bias", ("bitfit_bias",))
             return Part(path, {"bitfit_bias": bias}, [site], merge=merged_bias, note=WHY)
+        if kind_of(module) == NORM and has_bias(module) and type(module) not in TORCH_NORMS:
+            # a model's own norm adds its bias where it chooses (ConvNeXt's channels-first
+            # LayerNorm on dim 1): train the bias itself rather than guess the channel dim
+            site = WeightSite(add_to_tensor, "bias", ("bitfit_bias",))
+            return Part(path, {"bitfit_bias": bias}, [site], merge=merged_bias, note=OWN_NORM)
         # a norm layer of a model's own making may keep its output for backward: never
         # write into it; the other kinds never do
         in_place = kind_of(module) != NORM
@@ -245,6 +271,12 @@ def add_to_tensor(tensor: torch.Tensor, tensors) -> torch.Tensor:
 def add_bias(dim: int, module: nn.Module, x, y, tensors, writable):
     """``y + Δb`` along the channel dimension ``dim``, into ``y`` when ``writable``."""
     (bias,) = tensors
+    if y.dim() < (-dim if dim < 0 else dim + 1) or y.shape[dim] != bias.shape[0]:
+        raise UnsupportedModuleError(
+            f"BitFit adds one value per channel ({bias.shape[0]}) along dimension {dim} of "
+            f"{type(module).__name__}'s output, but that output has shape {tuple(y.shape)}: "
+            "the layer keeps its channels elsewhere; exclude it from targets"
+        )
     bias = along_channels(bias, dim, y.dim())
     if writable:
         return y.add_(bias)

@@ -164,4 +164,4 @@ def compacter(activation: str, width: int, module: nn.Module, x, y, tensors, wri
     rule_down, rule_up, down_s, down_t, down_bias, up_s, up_t, up_bias = tensors
     down = phm_weight(rule_down, down_s, down_t)[:, :width]
     up = phm_weight(rule_up, up_s, up_t)[:width]
-    return bottleneck(activation, 1.0, y, y, down, down_bias, up, up_bias)
+    return bottleneck(module, activation, 1.0, y, y, down, down_bias, up, up_bias)

@@ -117,4 +117,6 @@ class LowRankAdapter(DeltaSpec):
 def low_rank(activation: str, module: nn.Module, x, y, tensors, writable):
     """``y + up(act(down(y)))`` with ``down = u_d v_dᵀ``, ``up = u_u v_uᵀ``."""
     down_u, down_v, down_bias, up_u, up_v, up_bias = tensors
-    return bottleneck(activation, 1.0, y, y, down_u @ down_v.T, down_bias, up_u @ up_v.T, up_bias)
+    return bottleneck(
+        module, activation, 1.0, y, y, down_u @ down_v.T, down_bias, up_u @ up_v.T, up_bias
+    )

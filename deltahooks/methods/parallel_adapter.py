@@ -121,12 +121,9 @@ class ParallelAdapter(DeltaSpec):
 def parallel(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
     """``y + s · up(act(down(x)))``, with a clear error when ``x`` is not what was planned."""
     source = first_tensor(x)
-    width = tensors[0].shape[1]
-    if source is None or source.shape[-1] != width:
-        got = "no tensor" if source is None else f"a tensor of width {source.shape[-1]}"
+    if source is None:
         raise UnsupportedModuleError(
-            f"ParallelAdapter on {type(module).__name__} was planned for an input of width "
-            f"{width} (its first Linear's input, hidden_size= or config.hidden_size) but got "
-            f"{got}; target a module whose first input is its (..., width) hidden state"
+            f"ParallelAdapter on {type(module).__name__} reads the module's first input, and it "
+            "got no tensor; target a module whose first input is its (..., width) hidden state"
         )
-    return bottleneck(activation, scale, source, y, *tensors)
+    return bottleneck(module, activation, scale, source, y, *tensors)

@@ -258,10 +258,11 @@ def intervene(first: int, last: int, dropout: float, module: nn.Module, x, y, te
     """LoReFT on the first ``first`` and last ``last`` positions of dimension -2 of ``y``;
     a position in both ranges is intervened once, the others are returned as they were."""
     raw, weight, bias = tensors
-    if y.dim() < 2:
+    if y.dim() < 2 or y.shape[-1] != weight.shape[1]:
         raise UnsupportedModuleError(
-            f"ReFT needs a (..., sequence, hidden) output, but {type(module).__name__} returned "
-            f"shape {tuple(y.shape)}; target a module whose output has a sequence dimension"
+            f"ReFT needs a (..., sequence, {weight.shape[1]}) output, but "
+            f"{type(module).__name__} returned shape {tuple(y.shape)}; target a module whose "
+            "output is a sequence of hidden states, hidden last (not channels first)"
         )
     length = y.shape[-2]
     head = min(first, length)

@@ -113,3 +113,57 @@ def test_an_adapter_sees_the_layer_with_its_lora_update_in_any_order(adapter_fir
         torch.testing.assert_close(model(x), hooked)
         deltas["lora"].unmerge()
         torch.testing.assert_close(model(x), hooked)
+
+
+class ChannelsFirstBlock(nn.Module):
+    """A convolutional stage that returns (N, C, H, W), as ConvNeXt's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.proj = nn.Linear(8, 8)  # the width the adapters plan for
+
+    def forward(self, x):
+        return self.conv(x) + self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Merging(nn.Module):
+    """(N, 4L, C) in, (N, L, 2C) out: a stage that merges tokens, as Swin's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(8, 8)
+        self.reduce = nn.Linear(32, 16)
+
+    def forward(self, x):
+        n, length, c = x.shape
+        return self.reduce(self.mix(x).reshape(n, length // 4, 4 * c))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dh.Adapter(targets=["0"], bottleneck=2),
+        dh.ParallelAdapter(targets=["0"], bottleneck=2),
+        dh.LowRankAdapter(targets=["0"], reduction_factor=4),
+        dh.Compacter(targets=["0"], reduction_factor=4),
+        dh.ReFT(targets=["0"], rank=2),
+    ],
+    ids=lambda spec: type(spec).__name__,
+)
+def test_a_channels_first_output_is_refused_at_the_first_call_by_its_shape(spec):
+    model = nn.Sequential(ChannelsFirstBlock()).eval()
+    before = snapshot(model)
+    delta = dh.attach(model, spec)
+    with pytest.raises(dh.UnsupportedModuleError, match=r"\(2, 8, 3, 5\)"):
+        model(torch.randn(2, 8, 3, 5))
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_a_parallel_adapter_on_a_module_that_merges_tokens_says_so():
+    model = nn.Sequential(Merging()).eval()
+    delta = dh.attach(model, dh.ParallelAdapter(targets=["0"], bottleneck=2))
+    with pytest.raises(dh.UnsupportedModuleError, match=r"\(2, 12, 8\).*\(2, 3, 16\).*tokens"):
+        model(torch.randn(2, 12, 8))
+    delta.detach()

@@ -227,3 +227,54 @@ def test_a_parameter_that_is_no_bias_is_refused():
     check_refused(
         model, dh.BitFit(targets=["self_attn.in_proj_weight"]), dh.UnsupportedModuleError, "bias"
     )
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """A model's own norm that keeps channels first, as ConvNeXt's does: (N, C, H, W)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ChannelsFirstScale(nn.Module):
+    """A model's own bias-free norm with its channels first: nowhere for a bias to go."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * self.weight[:, None, None]
+
+
+ChannelsFirstScale.__name__ = "ChannelsFirstRMSNorm"  # a norm by name, as models spell them
+
+
+def test_a_models_own_norm_trains_its_bias_where_it_adds_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), ChannelsFirstLayerNorm(4)).eval()
+    x = torch.randn(2, 3, 5, 6)  # (N, C, H, W): the last dim is not the channels
+    before = snapshot(model)
+    delta = dh.attach(model, dh.BitFit(targets=["1"]))
+    assert "via bias" in dh.summary(model)
+    perturb(delta)
+    bias = delta.state_dict()["1.bitfit_bias"].view(1, -1, 1, 1)
+    with torch.no_grad():
+        with delta.disabled():
+            base = model(x)
+        torch.testing.assert_close(model(x), base + bias)
+        delta.merge()
+        torch.testing.assert_close(model(x), base + bias)
+        delta.unmerge()
+    delta.detach()
+    assert_restored(model, before)
+
+
+def test_a_bias_free_norm_with_channels_elsewhere_is_refused_at_its_first_call():
+    model = nn.Sequential(ChannelsFirstScale(4)).eval()
+    before = snapshot(model)
+    delta = dh.attach(model, dh.BitFit(targets=["0"]))
+    with pytest.raises(dh.UnsupportedModuleError, match=r"shape \(2, 4, 5, 6\).*elsewhere"):
+        model(torch.randn(2, 4, 5, 6))
+    delta.detach()
+    assert_restored(model, before)
