@@ -19,7 +19,6 @@ from .errors import DeltaStateError, SpecError
 from .ledger import Ledger, join
 from .quantized_training import keep_trainable_layout
 from .registry import open_registry, registries_under
-from .sites import Switch
 from .spec import (
     DeltaSpec,
     DeviceLike,
@@ -28,6 +27,7 @@ from .spec import (
     check_quantized,
     refuse_quantized_merge,
 )
+from .switch import Switch
 from .targets import resolve_targets
 
 DEFAULT_NAME = "default"

@@ -24,8 +24,9 @@ from .io import write_delta
 from .ledger import Ledger, TensorEntry
 from .merging import merged_on_top
 from .registry import close_registry_if_empty, registry_of
-from .sites import MergedGuard, RedirectSite, Switch
+from .sites import RedirectSite
 from .spec import DeltaSpec, Part
+from .switch import MergedGuard, Switch
 
 if TYPE_CHECKING:
     from os import PathLike

@@ -19,18 +19,13 @@ import torch
 from torch import nn
 
 from .errors import SpecError, UnsupportedModuleError, UnsupportedOperationError
+from .install import install_site, sync_redirect
 from .layers import compute_dtype, quantized_weight
 from .ledger import Ledger, TensorEntry, join
 from .merging import Merged, swap_in, swap_out
-from .sites import (
-    RedirectSite,
-    Site,
-    Switch,
-    TensorSource,
-    WeightSite,
-    install_site,
-    sync_redirect,
-)
+from .runner import TensorSource
+from .sites import RedirectSite, Site, WeightSite
+from .switch import Switch
 from .targets import Target, describe
 
 METHODS: dict[str, type[DeltaSpec]] = {}
