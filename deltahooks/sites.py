@@ -15,9 +15,9 @@ kind of site), and :mod:`deltahooks.install` (putting a part's sites on a model)
 - :class:`FlagSite` — a module attribute that reads true while the delta is active (a
   switch library code checks, such as transformers' ``_can_checkpoint_with_cache``).
 
-``fn`` runs only while the delta is active, with its tensors looked up on the module at
-call time, in the activations' dtype. ``tensors`` is a tuple in the order the site names
-them. Outputs that are tuples (decoder layers) or ``ModelOutput``-like mappings are acted
+``fn`` is called only while the delta is active (compiled code selects its result
+instead), with its tensors looked up on the module at call time. ``tensors`` is a tuple in
+the order the site names them. Outputs that are tuples (decoder layers) or ``ModelOutput``-like mappings are acted
 on through their first element, the hidden state (:func:`first_tensor`); the rest passes
 through.
 """

@@ -1,7 +1,8 @@
 """A delta's switch: the state every one of its hooks reads on each call.
 
-Enabling, disabling, merging and routing a delta flip this one object instead of adding or
-removing hooks, so they cost nothing and leave compiled graphs in place.
+Enabling, disabling and routing a delta change this one object instead of adding or
+removing hooks, so they are cheap and leave compiled graphs in place; merging sets it too
+(and takes the sites away, keeping only :class:`MergedGuard`).
 """
 
 from __future__ import annotations
