@@ -16,10 +16,10 @@ from torch import nn
 from . import liveness, reparametrize
 from .delta import Delta, teardown
 from .errors import DeltaStateError, SpecError
+from .install import install_part
 from .ledger import Ledger, join
 from .quantized_training import keep_trainable_layout
 from .registry import open_registry, registries_under
-from .sites import Switch
 from .spec import (
     DeltaSpec,
     DeviceLike,
@@ -28,6 +28,7 @@ from .spec import (
     check_quantized,
     refuse_quantized_merge,
 )
+from .switch import Switch
 from .targets import resolve_targets
 
 DEFAULT_NAME = "default"
@@ -285,13 +286,13 @@ def attach(
                 ledger.forgive_missing_delta_keys("")
             shared_entries.extend(entries.values())
             shared_by_spec.append(entries)
-        for part in built.parts:
-            part.install(ledger, switch, shared_by_spec[part.spec_index])
+        parts = [
+            install_part(ledger, part, switch, shared_by_spec[part.spec_index])
+            for part in built.parts
+        ]
         keep_trainable_layout(ledger)
-        watch = liveness.watch(ledger, switch, name, built.parts, specs, shared_entries)
-        delta = Delta(
-            model, name, specs, built.parts, shared_entries, ledger, switch, freeze_base, watch
-        )
+        watch = liveness.watch(ledger, switch, name, parts, specs, shared_entries)
+        delta = Delta(model, name, specs, parts, shared_entries, ledger, switch, freeze_base, watch)
         registry.deltas[name] = delta
         if freeze_base:
             registry.freeze_base(model, name)

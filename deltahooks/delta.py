@@ -20,12 +20,14 @@ from torch import nn
 
 from .distributed import gathered, shaped_like, writes
 from .errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
+from .install import InstalledPart
 from .io import write_delta
 from .ledger import Ledger, TensorEntry
 from .merging import merged_on_top
 from .registry import close_registry_if_empty, registry_of
-from .sites import MergedGuard, RedirectSite, Switch
-from .spec import DeltaSpec, Part
+from .sites import RedirectSite
+from .spec import DeltaSpec
+from .switch import MergedGuard, Switch
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -77,7 +79,7 @@ class Delta(nn.Module):
         root: nn.Module,
         name: str,
         specs: tuple[DeltaSpec, ...],
-        parts: list[Part],
+        parts: list[InstalledPart],
         shared: list[TensorEntry],
         ledger: Ledger,
         switch: Switch,

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .call_hooks import InputHook, OutputHook
 from .distributed import _dtensor_class
 from .errors import DeadSiteWarning, NoGradientWarning, warn
 from .ledger import HookEntry, Ledger
-from .sites import InputHook, OutputHook, Switch
+from .switch import Switch
 
 SHOWN = 3  # paths named in a warning before "and N more"
 

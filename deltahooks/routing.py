@@ -27,7 +27,7 @@ _MISSING = object()
 
 
 class Rows:
-    """The rows of a routed batch that one delta acts on (a :class:`sites.RowSelection`).
+    """The rows of a routed batch that one delta acts on (a :class:`switch.RowSelection`).
 
     A module may see the batch ``k`` times as large, each row repeated ``k`` times in
     place (``generate()`` expands rows so for beam search and ``num_return_sequences``;

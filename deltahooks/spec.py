@@ -18,19 +18,10 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from .errors import SpecError, UnsupportedModuleError, UnsupportedOperationError
+from .errors import SpecError, UnsupportedModuleError
 from .layers import compute_dtype, quantized_weight
-from .ledger import Ledger, TensorEntry, join
-from .merging import Merged, swap_in, swap_out
-from .sites import (
-    RedirectSite,
-    Site,
-    Switch,
-    TensorSource,
-    WeightSite,
-    install_site,
-    sync_redirect,
-)
+from .ledger import join
+from .sites import Site
 from .targets import Target, describe
 
 METHODS: dict[str, type[DeltaSpec]] = {}
@@ -236,7 +227,11 @@ MergeFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], Mapping[str, torch.T
 
 
 class Part:
-    """What one spec puts on one target module.
+    """What one spec puts on one target module: the value :meth:`DeltaSpec.make_part` returns.
+
+    A declaration only: attach installs it (:func:`deltahooks.install.install_part`), which
+    registers the tensors on the model and keeps an :class:`~deltahooks.install.InstalledPart`
+    instead, the record its Delta merges, unmerges and detaches by.
 
     Args:
         path: the target module's path.
@@ -297,11 +292,7 @@ class Part:
         self.merge_order = merge_order
         self.exclusive_merge = exclusive_merge
         self.unsaved = {(path, local) for local in unsaved}
-        self.spec_index = 0  # which spec of its Delta made it
-        self.entries: list[TensorEntry] = []  # the ledger entries holding this part's tensors
-        self.merges: list[Merged] = []  # what merge() swapped in, for unmerge()
-        self.installed: list = []  # ledger entries of the installed sites
-        self.shared: dict[str, TensorEntry] = {}
+        self.spec_index = 0  # which spec of its Delta made it (the plan sets it)
 
     def cast(self, dtype: torch.dtype) -> None:
         """The part's floating tensors in ``dtype`` (``unsaved`` ones, rebuilt from the
@@ -309,86 +300,6 @@ class Part:
         for key, (value, is_parameter) in self.tensors.items():
             if value.is_floating_point() and key not in self.unsaved:
                 self.tensors[key] = (value.to(dtype), is_parameter)
-
-    # ------------------------------------------------------------- install
-    def install(self, ledger: Ledger, switch: Switch, shared: dict[str, TensorEntry]) -> None:
-        """Register the tensors once, then the sites (which merging takes away again)."""
-        self.shared = shared
-        for (owner, local), (value, is_parameter) in self.tensors.items():
-            saved = (owner, local) not in self.unsaved
-            self.entries.append(
-                ledger.add_tensor(owner, local, value, parameter=is_parameter, saved=saved)
-            )
-        for owner in dict.fromkeys(owner for owner, _ in self.tensors):
-            ledger.forgive_missing_delta_keys(owner)
-        self.tensors = {}
-        self.install_sites(ledger, switch)
-
-    def _source(self, ledger: Ledger, names: tuple[str, ...], path: str = "") -> TensorSource:
-        path = path or self.path  # the module the site sits on
-        own = {entry.local: entry for entry in self.entries if entry.path == path}
-        found = []
-        for name in names:
-            entry = own.get(name) or self.shared.get(name)
-            if entry is None:
-                raise SpecError(
-                    f"a site on {self.path!r} names tensor {name!r}, which the part does not "
-                    f"define (it has {sorted(own)}, shared {sorted(self.shared)})"
-                )
-            found.append((entry.path != path, entry.is_parameter, entry.reserved))
-        return TensorSource(tuple(found), ledger.root if any(s for s, _, _ in found) else None)
-
-    def install_sites(self, ledger: Ledger, switch: Switch) -> None:
-        for site in self.sites:
-            path = self.path
-            if isinstance(site, RedirectSite):
-                source = {(entry.path, entry.local): entry for entry in self.entries}
-            else:
-                if isinstance(site, WeightSite) and "." in site.attr:
-                    # a tensor of a submodule ("out_proj.weight"): the site sits on that
-                    # submodule and names the part's tensors registered there
-                    child, _, attr = site.attr.rpartition(".")
-                    path, site = join(self.path, child), dataclasses.replace(site, attr=attr)
-                source = self._source(ledger, site.tensors, path)
-            self.installed.extend(install_site(ledger, path, site, switch, source))
-
-    def remove_sites(self, ledger: Ledger) -> None:
-        """Take the sites away: a merged delta computes through the weights alone."""
-        while self.installed:
-            ledger.remove(self.installed.pop())
-
-    def sync(self, ledger: Ledger, switch: Switch) -> None:
-        """Bring what the sites set outside a forward (redirects) in line with the switch."""
-        for site in self.sites:
-            if isinstance(site, RedirectSite):
-                sync_redirect(ledger, site, self.entries, switch.active)
-
-    # --------------------------------------------------------------- tensors
-    def live(self, ledger: Ledger) -> dict[str, torch.Tensor]:
-        """The live tensors by name relative to the target (shared ones by their name)."""
-        tensors = {name: ledger.tensor(entry) for name, entry in self.shared.items()}
-        for entry in self.entries:
-            relative = entry.path[len(self.path) :].lstrip(".") if self.path else entry.path
-            tensors[join(relative, entry.local)] = ledger.tensor(entry)
-        return tensors
-
-    # ----------------------------------------------------------------- merge
-    @torch.no_grad()
-    def merge(self, ledger: Ledger, method: str) -> None:
-        if self.merge_fn is None:
-            raise UnsupportedOperationError(
-                f"{method} on {self.path or '<root>'!r} cannot be merged into the weights: "
-                f"{self.cannot_merge or 'it is not a change of weights'}; keep the delta unmerged"
-            )
-        values = self.merge_fn(ledger.module(self.path), self.live(ledger))
-        for relative, value in values.items():
-            owner, _, attr = join(self.path, relative).rpartition(".")
-            self.merges.append(swap_in(ledger, owner, attr, value))
-
-    def unmerge(self, ledger: Ledger) -> None:
-        """Restore every tensor :meth:`merge` swapped, newest first."""
-        while self.merges:
-            swap_out(ledger, self.merges.pop())
 
 
 def tensor_keys(parts: Iterable[Part]) -> dict[str, torch.Tensor]:

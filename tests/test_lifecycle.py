@@ -107,18 +107,18 @@ def test_freeze_base_false_keeps_flags_and_restores_none():
 
 
 def test_failed_install_halfway_leaves_the_model_untouched(monkeypatch):
-    from deltahooks.spec import Part
+    from deltahooks.install import InstalledPart
 
     model = make_model()
     before = snapshot(model)
-    install = Part.install_sites
+    install = InstalledPart.install_sites
 
     def broken(self, ledger, switch):
         if self.path == "2":  # the second part: the first is installed by then
             raise RuntimeError("boom")
         install(self, ledger, switch)
 
-    monkeypatch.setattr(Part, "install_sites", broken)
+    monkeypatch.setattr(InstalledPart, "install_sites", broken)
     with pytest.raises(RuntimeError, match="boom"):
         dh.attach(model, [dh.LoRA(targets=["0"]), dh.Full(targets=["2"])])
     assert_restored(model, before)
