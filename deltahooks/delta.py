@@ -23,6 +23,7 @@ from .errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
 from .io import write_delta
 from .ledger import Ledger, TensorEntry
 from .merging import merged_on_top
+from .planning import plan
 from .registry import close_registry_if_empty, registry_of
 from .sites import MergedGuard, RedirectSite, Switch
 from .spec import DeltaSpec, Part
@@ -273,8 +274,6 @@ class Delta(nn.Module):
             >>> bool(delta.state_dict()["0.lora_B"].eq(0).all())  # LoRA's B starts at zero
             True
         """
-        from .attach import plan
-
         self._require_attached("reset_parameters")
         if self._switch.merged:
             raise DeltaStateError(

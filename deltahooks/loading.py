@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import NAME_PATTERN, attach_with_state, plan
+from .attach import NAME_PATTERN, attach_with_state
 from .errors import DeltaError, DeltaFileError
 from .io import FLOAT_DTYPES, read_header, read_tensors, stored_layout
+from .planning import plan
 from .spec import METHODS, DeltaSpec
 from .targets import Paths, parameter_paths
 
