@@ -54,8 +54,7 @@ from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, 
 from .spec import DeltaSpec, Part, register_method, tensor_options
 from .summary import summary
 from .targets import Paths, resolve_targets
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "BOFT",

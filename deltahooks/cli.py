@@ -17,8 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
 from .errors import DeltaError, DeltaFileError
+from .version import __version__
 
 DESCRIPTION = """\
 Parameter-efficient fine-tuning of PyTorch models through forward hooks.
