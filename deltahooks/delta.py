@@ -20,6 +20,7 @@ from torch import nn
 
 from .distributed import gathered, shaped_like, writes
 from .errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
+from .formats import writer
 from .io import write_delta
 from .ledger import Ledger, TensorEntry
 from .merging import merged_on_top
@@ -325,9 +326,7 @@ class Delta(nn.Module):
 
             delta.save_peft("my-adapter/")
         """
-        from .interop.peft_export import save_peft
-
-        save_peft(self, directory, task_type=task_type)
+        writer("peft")(self, directory, task_type=task_type)
 
     def detach(self) -> None:
         """Remove everything this delta added; the model is exactly what it was before."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..distributed import gathered, writes
 from ..errors import DeltaFileError, DeltaStateError, UnsupportedOperationError, warn
+from ..formats import register_writer
 from .peft import PEFT_ATTENTION_BUG, PREFIX, PROMPT_LEARNING, PROMPT_PREFIX
 
 Exporter = Callable[[nn.Module, list, list], tuple[dict, dict[str, torch.Tensor]]]
@@ -45,6 +46,7 @@ def peft_exporter(method: str) -> Callable[[Exporter], Exporter]:
     return register
 
 
+@register_writer("peft")
 def save_peft(delta, directory: str | os.PathLike, *, task_type: str | None = None) -> None:
     """Write ``delta`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
