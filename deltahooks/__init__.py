@@ -23,8 +23,7 @@ from .errors import (
     UnsupportedModuleError,
     UnsupportedOperationError,
 )
-from .interop.peft import load_peft
-from .interop.peft_export import save_peft
+from .interop.peft import load_peft, save_peft
 from .loading import load
 from .merging import stored
 from .methods import (
