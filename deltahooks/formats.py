@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
+
+from torch import nn
 
 from .errors import UnsupportedOperationError
 
-if TYPE_CHECKING:
-    from .delta import Delta
-
 
 class Writer(Protocol):
+    """``writer(delta, directory, *, task_type)``: ``delta`` is a :class:`~deltahooks.Delta`
+    (named here as the ``nn.Module`` it is, so this floor needs nothing above it)."""
+
     def __call__(
-        self, delta: Delta, directory: str | os.PathLike, *, task_type: str | None = None
+        self, delta: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None
     ) -> None: ...
 
 
