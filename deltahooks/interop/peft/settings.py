@@ -29,6 +29,7 @@ def peft_pattern(path: str, patterns: dict, default):
 
 
 def most_common(values: dict[str, float]):
+    """The value most layers have: the adapter's own, the others become per-path patterns."""
     return Counter(values.values()).most_common(1)[0][0]
 
 
