@@ -23,8 +23,7 @@ from .errors import (
     UnsupportedModuleError,
     UnsupportedOperationError,
 )
-from .interop.peft import load_peft
-from .interop.peft_export import save_peft
+from .interop.peft import load_peft, save_peft
 from .loading import load
 from .merging import stored
 from .methods import (
@@ -54,8 +53,7 @@ from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, 
 from .spec import DeltaSpec, Part, register_method, tensor_options
 from .summary import summary
 from .targets import Paths, resolve_targets
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "BOFT",

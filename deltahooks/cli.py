@@ -17,8 +17,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .checkpoint import check_folder, is_demo, load_model, merge_checkpoint
+from .demo import run_demo
 from .errors import DeltaError, DeltaFileError
+from .interop.peft import load_peft
+from .io import describe_file
+from .loading import load
+from .preview import describe_targets
+from .version import __version__
 
 DESCRIPTION = """\
 Parameter-efficient fine-tuning of PyTorch models through forward hooks.
@@ -190,9 +196,6 @@ def _progress(message: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .preview import describe_targets
-
     if args.exclude and not args.targets:
         raise DeltaError("--exclude narrows --targets; give --targets PATTERN ... too")
     model = load_model(args.model, meta=True)
@@ -205,10 +208,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoint import check_folder, is_demo, load_model
-    from .interop.peft import load_peft
-    from .loading import load
-
     source, out = args.to_peft or args.from_peft
     if not is_demo(args.model):
         check_folder(args.model)  # before the progress line: mistakes stay one line
@@ -228,23 +227,17 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "info":
-        from .io import describe_file
-
         print(describe_file(args.path))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model folders are local: never reach out
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "merge":
-        from .checkpoint import merge_checkpoint
-
         merge_checkpoint(args.model, args.delta, args.out, dtype=args.dtype, progress=_progress)
         return 0
     if args.command == "convert":
         return _convert(args)
     try:
-        from .demo import run_demo
-
         return run_demo(epochs=args.epochs, method=args.method, output=args.output, seed=args.seed)
     except ModuleNotFoundError as err:
         raise DeltaError(

@@ -20,10 +20,12 @@ from torch import nn
 
 from .distributed import gathered, shaped_like, writes
 from .errors import DeltaFileError, DeltaStateError, UnsupportedOperationError
+from .formats import writer
 from .install import InstalledPart
 from .io import write_delta
 from .ledger import Ledger, TensorEntry
 from .merging import merged_on_top
+from .planning import plan
 from .registry import close_registry_if_empty, registry_of
 from .sites import RedirectSite
 from .spec import DeltaSpec
@@ -275,8 +277,6 @@ class Delta(nn.Module):
             >>> bool(delta.state_dict()["0.lora_B"].eq(0).all())  # LoRA's B starts at zero
             True
         """
-        from .attach import plan
-
         self._require_attached("reset_parameters")
         if self._switch.merged:
             raise DeltaStateError(
@@ -328,9 +328,7 @@ class Delta(nn.Module):
 
             delta.save_peft("my-adapter/")
         """
-        from .interop.peft_export import save_peft
-
-        save_peft(self, directory, task_type=task_type)
+        writer("peft")(self, directory, task_type=task_type)
 
     def detach(self) -> None:
         """Remove everything this delta added; the model is exactly what it was before."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .attach import attach
@@ -72,7 +73,6 @@ def _model_dir() -> Path:
 def load_model(seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """MiniLM-L6 as a 2-label ``BertForSequenceClassification``; only the head is new."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach out
-    from safetensors.torch import load_file
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
     from transformers.utils import logging
 

@@ -11,6 +11,8 @@ import os
 import sys
 import warnings
 
+import torch
+
 
 class DeltaError(Exception):
     """Base class of every error deltahooks raises deliberately."""
@@ -63,13 +65,7 @@ def _internal(frame, prefixes: tuple[str, ...]) -> bool:
 def warn(message: str, category: type[Warning] = DeltaWarning) -> None:
     """Warn with the location of the user's call, not of deltahooks' internals (nor of
     torch's, for a warning raised from a hook that torch called)."""
-    prefixes = (_PACKAGE_DIR,)
-    try:
-        import torch
-
-        prefixes += (os.path.dirname(os.path.abspath(torch.__file__)),)
-    except ImportError:  # pragma: no cover - deltahooks needs torch
-        pass
+    prefixes = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)))
     frame, level = sys._getframe(1), 2  # level 1 is this function
     while frame is not None and _internal(frame, prefixes):
         frame, level = frame.f_back, level + 1

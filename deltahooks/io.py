@@ -27,15 +27,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import DeltaFileError
+from .version import __version__
 
 FORMAT = "deltahooks.delta"
 FORMAT_VERSION = 1
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def write_delta(
@@ -60,7 +55,7 @@ def write_delta(
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "deltahooks_version": _version(),
+        "deltahooks_version": __version__,
         "delta": json.dumps(header),
     }
     _check_writable(target)
@@ -140,7 +135,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise DeltaFileError(
             f"{path!r} uses delta format version {version}, newer than this deltahooks "
-            f"({_version()}, format {FORMAT_VERSION}); upgrade deltahooks to read it"
+            f"({__version__}, format {FORMAT_VERSION}); upgrade deltahooks to read it"
         )
     try:
         header = json.loads(metadata.get("delta", ""))

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import NAME_PATTERN, attach_with_state, plan
-from .errors import DeltaError, DeltaFileError
+from .attach import NAME_PATTERN, attach_with_state, deltas
+from .errors import DeltaError, DeltaFileError, DeltaStateError
 from .io import FLOAT_DTYPES, read_header, read_tensors, stored_layout
+from .planning import plan
 from .spec import METHODS, DeltaSpec
 from .targets import Paths, parameter_paths
 
@@ -101,9 +102,6 @@ def load(
 
 def _swap_into(model: nn.Module, delta, where: str, allow_nonfinite: bool):
     """Copy the file's tensors into an attached delta after checking they fit it exactly."""
-    from .attach import deltas
-    from .errors import DeltaStateError
-
     if not any(found is delta for found in deltas(model).values()):
         raise DeltaStateError(
             f"into= names delta {getattr(delta, 'name', delta)!r}, which is not attached to "

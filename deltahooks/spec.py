@@ -23,6 +23,7 @@ from .layers import compute_dtype, quantized_weight
 from .ledger import join
 from .sites import Site
 from .targets import Target, describe
+from .validate import one_of
 
 METHODS: dict[str, type[DeltaSpec]] = {}
 DeviceLike = torch.device | str | None
@@ -80,8 +81,6 @@ class DeltaSpec:
         if self.targets is None or (isinstance(self.targets, (list, tuple)) and not self.targets):
             raise SpecError(f"{type(self).__name__}: targets is empty; name at least one module")
         if self.dtype is not None:
-            from .validate import one_of
-
             one_of(type(self).__name__, "dtype", self.dtype, DTYPES)
         self.validate()
 

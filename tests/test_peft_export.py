@@ -270,7 +270,7 @@ def test_the_oft_block_size_rule_is_peft_s():
     """Our reimplementation of PEFT's per-layer adjustment agrees with PEFT's own code."""
     from peft.tuners.oft.layer import OFTLayer
 
-    from deltahooks.interop.peft_oft import one_block_size, peft_block_size
+    from deltahooks.interop.peft.oft import one_block_size, peft_block_size
 
     for width in range(1, 70):
         for request in range(1, 80):

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import validate
 from ..errors import DeltaStateError, UnsupportedModuleError
@@ -392,8 +393,6 @@ def quietly(run):
 @quietly
 def fake_run(callee: nn.Module, names: CallNames, recorder: type) -> None:
     """The twin on fake CPU tensors: shapes without memory, and a real device type."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     with FakeTensorMode(allow_non_fake_inputs=True):
         twin_call(callee, names, recorder, "cpu")
 

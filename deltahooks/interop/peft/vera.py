@@ -1,4 +1,4 @@
-"""Import PEFT VeRA adapters (``peft_type`` ``"VERA"``).
+"""PEFT VeRA adapters (``peft_type`` ``"VERA"``), both ways.
 
 PEFT stores ``<path>.vera_lambda_b`` / ``<path>.vera_lambda_d`` per layer and, with
 ``save_projection=True``, the shared projections once as ``base_model.vera_A`` and
@@ -10,20 +10,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import DeltaFileError
-from ..layers import CONV1D_GPT2, kind_of
-from ..targets import Paths
-from .peft import check_paths, peft_importer
-from .peft_export import one_setting, peft_exporter
+from ...errors import DeltaFileError
+from ...layers import CONV1D_GPT2, kind_of
+from ...methods import VeRA
+from ...targets import Paths
+from .registry import peft_exporter, peft_importer
+from .settings import check_paths, one_setting
 
 PROJECTIONS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
 VECTORS = (".vera_lambda_b", ".vera_lambda_d")
 
 
 @peft_importer("VERA")
-def vera_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
-    from ..methods import VeRA
-
+def from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
     vectors: dict[str, dict] = {}
     projections, other = {}, []
     for key, tensor in tensors.items():
@@ -67,10 +66,10 @@ def vera_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list,
 
 
 @peft_exporter("vera")
-def vera_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
+def to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
     """VeRA: ``<path>.vera_lambda_b`` / ``vera_lambda_d`` as ours; the shared projections
     (with ``save_projection``) are the delta's shared tensors, which
-    :func:`~deltahooks.interop.peft_export.save_peft` writes as ``base_model.vera_A`` /
+    :func:`~deltahooks.save_peft` writes as ``base_model.vera_A`` /
     ``base_model.vera_B``."""
     settings = {
         name: one_setting("VeRA", specs, name)

@@ -1,4 +1,4 @@
-"""Import PEFT AdaLoRA adapters (``peft_type`` ``"ADALORA"``).
+"""PEFT AdaLoRA adapters (``peft_type`` ``"ADALORA"``), both ways.
 
 PEFT stores ``<path>.lora_A`` (r × fan-in), ``<path>.lora_E`` (r × 1) and ``<path>.lora_B``
 (fan-out × r), ours' names and layouts. Once its allocator has pruned, PEFT saves only the
@@ -12,19 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import DeltaFileError, UnsupportedOperationError
-from ..layers import CONV1D_GPT2, kind_of
-from ..targets import Paths
-from .peft import check_paths, peft_importer
-from .peft_export import one_setting, peft_exporter
+from ...errors import DeltaFileError, UnsupportedOperationError
+from ...layers import CONV1D_GPT2, kind_of
+from ...methods import AdaLoRA
+from ...targets import Paths
+from .registry import peft_exporter, peft_importer
+from .settings import check_paths, one_setting
 
 NAMES = ("lora_A", "lora_B", "lora_E")
 
 
 @peft_importer("ADALORA")
-def adalora_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
-    from ..methods import AdaLoRA
-
+def from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
     triplets: dict[str, dict] = {}
     other = []
     for key, tensor in tensors.items():
@@ -110,7 +109,7 @@ SETTINGS = {  # PEFT's name: ours
 
 
 @peft_exporter("adalora")
-def adalora_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
+def to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
     """AdaLoRA: ``lora_A``/``lora_E``/``lora_B`` as ours. Once triplets are pruned (a zero
     in ``lora_E``), as PEFT saves after its allocator ran: only the kept triplets, and
     ``rank_pattern`` ``{"<path>.lora_E": [kept, ...]}`` for every layer. A delta whose

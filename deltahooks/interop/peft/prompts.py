@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import DeltaFileError, UnsupportedOperationError
-from ..methods._calls import is_encoder_decoder
-from .peft import peft_importer
-from .peft_export import peft_exporter
+from ...errors import DeltaFileError, UnsupportedOperationError
+from ...methods import PrefixTuning, PromptTuning
+from ...methods._calls import is_encoder_decoder
+from ...methods.prefix_tuning import geometry
+from .registry import peft_exporter, peft_importer
 
 KEY = "prompt_embeddings"
 TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"))
@@ -57,8 +58,6 @@ def only_prompt(tensors: dict, method: str):
 
 @peft_importer("PROMPT_TUNING")
 def prompt_tuning_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
-    from ..methods import PromptTuning
-
     refuse_encoder_decoder(model, "prompt tuning")
     prompt = only_prompt(tensors, "prompt tuning")
     return [PromptTuning(num_tokens=int(prompt.shape[0]))], {KEY: prompt}
@@ -66,8 +65,6 @@ def prompt_tuning_from_peft(model: nn.Module, config: dict, tensors: dict) -> tu
 
 @peft_importer("PREFIX_TUNING")
 def prefix_tuning_from_peft(model: nn.Module, config: dict, tensors: dict) -> tuple[list, dict]:
-    from ..methods import PrefixTuning
-
     refuse_encoder_decoder(model, "prefix tuning")
     prefixes = only_prompt(tensors, "prefix tuning")
     spec = PrefixTuning(num_tokens=int(prefixes.shape[0]), reparameterize=False)
@@ -115,8 +112,6 @@ def prompt_tuning_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[d
 
 @peft_exporter("prefix_tuning")
 def prefix_tuning_to_peft(model: nn.Module, specs: list, parts: list) -> tuple[dict, dict]:
-    from ..methods.prefix_tuning import geometry
-
     refuse_encoder_decoder(model, "prefix tuning")
     (part,) = parts
     (spec,) = specs

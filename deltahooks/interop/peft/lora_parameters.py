@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import DeltaFileError
-from ..targets import ParameterPath, parameter_paths
+from ...errors import DeltaFileError
+from ...merging import stored
+from ...targets import ParameterPath, parameter_paths
 
 BASE = "base_layer."
 
@@ -47,8 +48,6 @@ def nesting(paths: list[ParameterPath]) -> dict[str, ParameterPath]:
 
 def experts_of(model: nn.Module, path: ParameterPath) -> int:
     """0 for a 2-D weight, else the number of stacked experts (the leading dimension)."""
-    from ..merging import stored
-
     weight = stored(model.get_submodule(path.module_path), path.name)
     return weight.shape[0] if weight.dim() == 3 else 0
 
