@@ -21,7 +21,7 @@ from .. import validate
 from ..layers import CONV, CONV1D_GPT2, LINEAR, kind_of, widths
 from ..sites import WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
-from . import _lycoris
+from . import _lycoris, _rank_patterns
 
 INITS = ("default", "random")
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -91,7 +91,7 @@ class LoHa(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _lycoris.validate_rank_and_alpha("LoHa", self)
+        _rank_patterns.validate_rank_and_alpha("LoHa", self)
         validate.one_of("LoHa", "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
@@ -102,7 +102,7 @@ class LoHa(DeltaSpec):
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
-        rank, scale = _lycoris.rank_and_scale(self, path, module, root)
+        rank, scale = _rank_patterns.rank_and_scale(self, path, module, root)
         fan_in, fan_out = widths(module)
         options = tensor_options(module, device)
         shapes = ((fan_out, rank), (rank, fan_in), (fan_out, rank), (rank, fan_in))

@@ -23,7 +23,7 @@ from ..errors import SpecError
 from ..layers import CONV, CONV1D_GPT2, LINEAR, kind_of, widths
 from ..sites import WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
-from . import _lycoris
+from . import _lycoris, _rank_patterns
 
 INITS = ("default", "lycoris", "random")
 SUPPORTED = "nn.Linear, transformers Conv1D and nn.Conv2d"
@@ -101,7 +101,7 @@ class LoKr(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _lycoris.validate_rank_and_alpha("LoKr", self)
+        _rank_patterns.validate_rank_and_alpha("LoKr", self)
         if not (isinstance(self.factor, int) and not isinstance(self.factor, bool)) or not (
             self.factor == -1 or self.factor > 0
         ):
@@ -120,7 +120,7 @@ class LoKr(DeltaSpec):
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
-        rank, scale = _lycoris.rank_and_scale(self, path, module, root)
+        rank, scale = _rank_patterns.rank_and_scale(self, path, module, root)
         kind = kind_of(module)
         if kind == CONV:
             fan_in, fan_out = module.in_channels // module.groups, module.out_channels
