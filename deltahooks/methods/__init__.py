@@ -10,7 +10,7 @@ from .ia3 import IA3
 from .ln_tuning import LNTuning
 from .loha import LoHa
 from .lokr import LoKr
-from .lora import LoRA, loraplus_param_groups
+from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
 from .oft import OFT
 from .parallel_adapter import ParallelAdapter
@@ -39,5 +39,4 @@ __all__ = [
     "ReFT",
     "VeRA",
     "adalora_allocator",
-    "loraplus_param_groups",
 ]
