@@ -1,6 +1,7 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
-from .adalora import AdaLoRA, adalora_allocator
+from .adalora import AdaLoRA
+from .adalora_budget import adalora_allocator
 from .adapter import Adapter
 from .bitfit import BitFit
 from .boft import BOFT
