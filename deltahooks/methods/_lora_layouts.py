@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import warn
 from ..layers import CONV1D_GPT2, EMBEDDING, LINEAR, to_weight_layout
 from ..merging import stored
 from . import lora_parameters
@@ -52,3 +53,14 @@ def channel_rows(kind: str, weight: torch.Tensor) -> torch.Tensor:
 def to_weight_layout_of(kind: str, matrix: torch.Tensor) -> torch.Tensor:
     """An out × in matrix in a Linear's or GPT-2 Conv1D's own layout."""
     return matrix.t() if kind == CONV1D_GPT2 else matrix
+
+
+def warn_dropout(path: str, dropout: float, device) -> None:
+    """A weight site folds the update into ``W``, where dropout on the input has no place."""
+    if dropout and device is None:
+        warn(
+            f"LoRA dropout={dropout} does not apply on {path!r}: the model reads its weight "
+            "directly instead of calling it, so the update is folded into the weight "
+            "(W + sBA), where dropout on the layer's input has no place; exclude it to keep "
+            "dropout everywhere else, or accept it without dropout there"
+        )

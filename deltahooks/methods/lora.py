@@ -5,14 +5,15 @@
 An output site adds the bypass to the unchanged module's output; merging folds ``s · BA``
 into the weight, so a merged forward costs what the base costs. Tensor layouts follow
 PEFT (``A``: r × fan-in, ``B``: fan-out × r; for embeddings ``A``: r × num_embeddings,
-``B``: embedding_dim × r) so files convert without transposes. DoRA (``dora=True``) lives
-in :mod:`deltahooks.methods.dora`, parameter targets in
-:mod:`deltahooks.methods.lora_parameters`.
+``B``: embedding_dim × r) so files convert without transposes. Variants live beside it:
+DoRA (``dora=True``) in :mod:`~deltahooks.methods.dora`, the inits (PiSSA, OLoRA) in
+:mod:`~deltahooks.methods.lora_inits`, parameter targets in
+:mod:`~deltahooks.methods.lora_parameters`, ``nn.MultiheadAttention`` in
+:mod:`~deltahooks.methods.lora_attention`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -22,22 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate
-from ..direct_reads import WHY, merged_by_sites, needs_weight_site
-from ..errors import DeltaStateError, SpecError, UnsupportedModuleError, warn
+from ..direct_reads import WHY, needs_weight_site
+from ..errors import UnsupportedModuleError, warn
 from ..layers import CONV, CONV1D_GPT2, EMBEDDING, LINEAR, kind_of, widths
-from ..ledger import join
-from ..merging import stored
-from ..registry import registry_of
-from ..sites import OutputSite, RedirectSite, WeightSite
+from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import ParameterPath
 from . import _rank_patterns, lora_parameters
 from ._lora_autograd import low_rank_update, pays_off
-from ._lora_layouts import base_weight, channel_rows, delta_weight, lora_weight, to_weight_layout_of
+from ._lora_layouts import base_weight, delta_weight, lora_weight, warn_dropout
 from .dora import dora_part
+from .lora_attention import attention_part
+from .lora_inits import INITS, RESIDUAL_INITS, check_residual_start, initialise, residual_start
 
-INITS = ("default", "gaussian", "random", "pissa", "olora")
-RESIDUAL_INITS = ("pissa", "olora")  # the layer computes with W - sBA₀ while attached
 KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV)
 
 
@@ -75,47 +73,6 @@ def merged_weight(scale: float, module: nn.Module, tensors) -> dict[str, torch.T
     weight = base_weight(module, tensors)
     update = delta_weight(scale, module, tensors)
     return {"weight": (weight.to(update.dtype) + update).to(weight.dtype)}
-
-
-@torch.no_grad()
-def _initialise(a: torch.Tensor, b: torch.Tensor, init: str, kind: str, rank: int) -> None:
-    # The zero factor makes the delta start at exactly zero; for embeddings it is A
-    # (PEFT's convention), since A is what the token ids index.
-    first, second = (b, a) if kind == EMBEDDING else (a, b)
-    if init == "default":
-        if kind == EMBEDDING:
-            nn.init.normal_(first)
-        else:
-            nn.init.kaiming_uniform_(first, a=math.sqrt(5))
-        nn.init.zeros_(second)
-    elif init == "gaussian":
-        nn.init.normal_(first, std=1.0 / rank)
-        nn.init.zeros_(second)
-    else:  # "random": both factors non-zero, so tests see a real delta
-        nn.init.normal_(first, std=1.0 / math.sqrt(first.shape[-1]))
-        nn.init.normal_(second, std=1.0 / math.sqrt(rank))
-
-
-@torch.no_grad()
-def _decompose(a, b, residual, weight, init: str, kind: str, scale: float) -> None:
-    """PiSSA / OLoRA: ``A``, ``B`` from ``W`` (as out × in, float32); ``residual = W - sBA``.
-
-    The same steps as PEFT's (``torch.linalg.svd`` / ``qr`` in float32, the residual cast
-    back to the weight's dtype), so the same weight gives the same factors.
-    """
-    rank = a.shape[0]
-    matrix = channel_rows(kind, weight.detach()).to(torch.float32)
-    if init == "pissa":
-        u, singular, vh = torch.linalg.svd(matrix, full_matrices=False)
-        root = torch.sqrt(singular[:rank] / scale)
-        new_a, new_b = root[:, None] * vh[:rank], u[:, :rank] * root
-    else:  # olora
-        q, r = torch.linalg.qr(matrix)
-        new_a, new_b = r[:rank], q[:, :rank]
-    a.copy_(new_a)
-    b.copy_(new_b)
-    rest = matrix - scale * new_b @ new_a
-    residual.copy_(to_weight_layout_of(kind, rest))
 
 
 @register_method
@@ -297,17 +254,12 @@ class LoRA(DeltaSpec):
         if isinstance(path, ParameterPath):
             return lora_parameters.make_part(self, path, module, root, device=device)
         if isinstance(module, nn.MultiheadAttention):
-            return self._attention_part(path, module, root, device)
+            return attention_part(self, path, module, root, device)
         rank, scale = self.rank_and_scale(path, module, root)
         kind = kind_of(module)
         direct = needs_weight_site("LoRA", path, module, root)
-        if direct and self.init in RESIDUAL_INITS:
-            raise UnsupportedModuleError(
-                f"LoRA init={self.init!r} cannot start {path!r}: the model reads its weight "
-                "directly instead of calling it, so LoRA acts through the weight there, and "
-                "the residual of PiSSA/OLoRA replaces that weight; exclude it (exclude=...) "
-                "or use another init"
-            )
+        if self.init in RESIDUAL_INITS:
+            check_residual_start(self.init, path, root, direct, rank, widths(module))
         weight = module.weight
         like = tensor_options(module, device)  # a quantized layer's compute dtype
         fan_in, fan_out = widths(module)  # its real widths, not its packed storage's
@@ -318,11 +270,6 @@ class LoRA(DeltaSpec):
             a = torch.empty(rank, fan_in, **like)
             b = torch.empty(fan_out, rank, **like)
         full_rank = min(fan_in, fan_out)
-        if self.init in RESIDUAL_INITS and rank > full_rank:
-            raise SpecError(
-                f"LoRA init={self.init!r} on {path!r} needs r <= {full_rank} (the full rank of "
-                f"its {fan_out} x {fan_in} weight), got {rank}; lower r or use rank_pattern"
-            )
         if device is None:  # a real build; a plan (device="meta") needs shapes only
             if rank > full_rank:
                 warn(
@@ -332,21 +279,15 @@ class LoRA(DeltaSpec):
                     "for this layer"
                 )
             if self.init not in RESIDUAL_INITS:
-                _initialise(a, b, self.init, kind, rank)
+                initialise(a, b, self.init, kind, rank)
         dropout = 0.0 if kind == EMBEDDING else self.dropout
         if direct:
-            _warn_dropout(path, dropout, device)
+            warn_dropout(path, dropout, device)
         tensors = {"lora_A": a, "lora_B": b}
         extra: dict = {}
         if self.init in RESIDUAL_INITS:
-            _refuse_merged_weight(path, root)
-            # the residual W - sBA₀ is registered as "weight" and a redirect makes the
-            # layer read it: the base parameter is never written, so detach is exact
-            residual = torch.empty_like(weight, device=like["device"])
-            if device is None:
-                _decompose(a, b, residual, weight, self.init, kind, scale)
-            tensors[(path, "weight")] = (residual, False)
-            extra = {"sites": [RedirectSite(((path, "weight"),))], "unsaved": ["weight"]}
+            build = device is None
+            extra = residual_start(path, tensors, weight, self.init, kind, scale, like, build)
         if self.dora:
             return dora_part(path, module, tensors, kind, scale, dropout, device, extra, direct)
         if direct:  # the model reads the weight without calling the layer: a hook never fires
@@ -363,67 +304,4 @@ class LoRA(DeltaSpec):
             [*extra.get("sites", []), site],
             merge=partial(merged_weight, scale),
             unsaved=extra.get("unsaved", ()),
-        )
-
-    def _attention_part(self, path: str, module: nn.MultiheadAttention, root, device) -> Part:
-        """LoRA on torch's ``nn.MultiheadAttention``: weight sites on its input projection
-        (``in_proj_weight``, or ``q/k/v_proj_weight`` when they are separate) and on
-        ``out_proj.weight``, since ``F.multi_head_attention_forward`` reads them all
-        without calling a layer. The input projection's factors sit on the module
-        (``lora_A``/``lora_B``, or ``q_proj_weight.lora_A``, ...), ``out_proj``'s on it."""
-        if self.dora or self.init in RESIDUAL_INITS:
-            raise UnsupportedModuleError(
-                f"LoRA {'dora=True' if self.dora else f'init={self.init!r}'} cannot adapt "
-                f"{path!r} (nn.MultiheadAttention): it acts through the attention's weight "
-                "tensors, which that setting does not support; target it with a separate "
-                "dh.LoRA spec without it"
-            )
-        rank, scale = self.rank_and_scale(path, module, root)
-        _warn_dropout(path, self.dropout, device)
-        if module._qkv_same_embed_dim:
-            projections = [("in_proj_weight", "")]
-        else:
-            projections = [(f"{x}_proj_weight", f"{x}_proj_weight.") for x in "qkv"]
-        projections.append(("out_proj.weight", "out_proj"))
-        tensors, sites = {}, []
-        for attr, prefix in projections:
-            child, _, leaf = attr.rpartition(".")
-            weight = stored(module.get_submodule(child), leaf)
-            fan_out, fan_in = weight.shape
-            like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
-            a = torch.empty(rank, fan_in, **like)
-            b = torch.empty(fan_out, rank, **like)
-            if device is None:
-                _initialise(a, b, self.init, LINEAR, rank)
-            if child:  # factors on the submodule itself, named there
-                owner = join(path, child)
-                tensors[(owner, "lora_A")], tensors[(owner, "lora_B")] = a, b
-                names = ("lora_A", "lora_B")
-            else:
-                names = (f"{prefix}lora_A", f"{prefix}lora_B")
-                tensors[names[0]], tensors[names[1]] = a, b
-            sites.append(WeightSite(partial(lora_weight, LINEAR, scale), attr, names))
-        note = f"via weights ({', '.join(site.attr for site in sites)})"
-        return Part(path, tensors, sites, merge=partial(merged_by_sites, sites), note=note)
-
-
-def _refuse_merged_weight(path: str, root: nn.Module) -> None:
-    """The residual must come from the original weight; one with a delta merged into it
-    would keep that delta's update after its unmerge (the layer reads the residual)."""
-    registry = registry_of(root)
-    stack = registry.merge_stacks.get(join(path, "weight")) if registry is not None else None
-    if stack:
-        raise DeltaStateError(
-            f"LoRA init='pissa'/'olora' on {path!r}: delta {stack[-1]!r} is merged into its "
-            "weight, and the residual must come from the original weight; unmerge it first"
-        )
-
-
-def _warn_dropout(path: str, dropout: float, device) -> None:
-    if dropout and device is None:
-        warn(
-            f"LoRA dropout={dropout} does not apply on {path!r}: the model reads its weight "
-            "directly instead of calling it, so the update is folded into the weight "
-            "(W + sBA), where dropout on the layer's input has no place; exclude it to keep "
-            "dropout everywhere else, or accept it without dropout there"
         )
