@@ -13,11 +13,12 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from ..merging import stored
+from ..validate import name_of
 
 
-def refuse(owner: str, path: str, module: nn.Module, supported: str) -> None:
+def refuse(owner: object, path: str, module: nn.Module, supported: str) -> None:
     raise UnsupportedModuleError(
-        f"{owner} cannot adapt {path or '<root>'!r} ({type(module).__name__}); it supports "
+        f"{name_of(owner)} cannot adapt {path or '<root>'!r} ({type(module).__name__}); it supports "
         f"{supported}. Narrow targets (e.g. exclude=...) or target the layers inside it"
     )
 

@@ -11,14 +11,14 @@ from .. import validate
 from ..targets import first_match
 
 
-def validate_rank_and_alpha(owner: str, spec) -> None:
+def validate_rank_and_alpha(spec) -> None:
     """``r``/``alpha`` and their ``rank_pattern``/``alpha_pattern`` overrides."""
-    validate.pattern_dict(owner, "rank_pattern", spec.rank_pattern, "{'down_proj': 4}")
-    validate.pattern_dict(owner, "alpha_pattern", spec.alpha_pattern, "{'down_proj': 16}")
+    validate.pattern_dict(spec, "rank_pattern", spec.rank_pattern, "{'down_proj': 4}")
+    validate.pattern_dict(spec, "alpha_pattern", spec.alpha_pattern, "{'down_proj': 16}")
     for where, rank in [("r", spec.r), *spec.rank_pattern.items()]:
-        validate.positive_int(owner, where, rank)
+        validate.positive_int(spec, where, rank)
     for where, alpha in [("alpha", spec.alpha), *spec.alpha_pattern.items()]:
-        validate.finite(owner, where, alpha, minimum=0)
+        validate.finite(spec, where, alpha, minimum=0)
 
 
 def rank_and_scale(

@@ -170,10 +170,10 @@ class AdaLoRA(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.positive_int("AdaLoRA", "total_step", self.total_step, 1000)
-        validate.positive_int("AdaLoRA", "init_r", self.init_r, 12)
-        validate.positive_int("AdaLoRA", "target_r", self.target_r, 8)
-        validate.positive_int("AdaLoRA", "deltaT", self.deltaT, 1)
+        validate.positive_int(self, "total_step", self.total_step, 1000)
+        validate.positive_int(self, "init_r", self.init_r, 12)
+        validate.positive_int(self, "target_r", self.target_r, 8)
+        validate.positive_int(self, "deltaT", self.deltaT, 1)
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
@@ -193,10 +193,10 @@ class AdaLoRA(DeltaSpec):
             value = getattr(self, name)
             if not (validate.is_number(value) and 0 < value < 1):
                 raise SpecError(f"AdaLoRA {name}={value!r} must be a number in (0, 1)")
-        validate.finite("AdaLoRA", "orth_reg_weight", self.orth_reg_weight, minimum=0)
-        validate.finite("AdaLoRA", "alpha", self.alpha, minimum=0)
-        validate.probability("AdaLoRA", "dropout", self.dropout)
-        validate.one_of("AdaLoRA", "init", self.init, INITS)
+        validate.finite(self, "orth_reg_weight", self.orth_reg_weight, minimum=0)
+        validate.finite(self, "alpha", self.alpha, minimum=0)
+        validate.probability(self, "dropout", self.dropout)
+        validate.one_of(self, "init", self.init, INITS)
 
     def reads_weight(self, path: str, module: nn.Module) -> bool:
         """False: it reads only the layer's input and output, so quantized layers take it."""

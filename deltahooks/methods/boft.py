@@ -96,9 +96,9 @@ class BOFT(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.optional_positive_int("BOFT", "block_size", self.block_size, example=4)
-        validate.positive_int("BOFT", "butterfly_factor", self.butterfly_factor, example=2)
-        validate.one_of("BOFT", "init", self.init, INITS)
+        validate.optional_positive_int(self, "block_size", self.block_size, example=4)
+        validate.positive_int(self, "butterfly_factor", self.butterfly_factor, example=2)
+        validate.one_of(self, "init", self.init, INITS)
         if self.butterfly_factor > 1 and self.block_size is not None and self.block_size % 2:
             raise SpecError(
                 f"BOFT block_size={self.block_size} must be even with butterfly_factor="

@@ -91,20 +91,20 @@ class Compacter(DeltaSpec):
     hidden_size: int | None = None
 
     def validate(self) -> None:
-        validate.positive_int("Compacter", "reduction_factor", self.reduction_factor, 16)
-        validate.positive_int("Compacter", "phm_dim", self.phm_dim, example=4)
-        validate.positive_int("Compacter", "phm_rank", self.phm_rank, example=1)
-        validate.flag("Compacter", "shared_phm_rule", self.shared_phm_rule)
-        validate.one_of("Compacter", "activation", self.activation, sorted(ACTIVATIONS))
-        validate.optional_positive_int("Compacter", "hidden_size", self.hidden_size, 768)
+        validate.positive_int(self, "reduction_factor", self.reduction_factor, 16)
+        validate.positive_int(self, "phm_dim", self.phm_dim, example=4)
+        validate.positive_int(self, "phm_rank", self.phm_rank, example=1)
+        validate.flag(self, "shared_phm_rule", self.shared_phm_rule)
+        validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
 
     def reads_weight(self, path: str, module: nn.Module) -> bool:
         """False: it reads only the layer's input and output, so quantized layers take it."""
         return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        refuse_kinds("Compacter", path, module)
-        check_hidden_size("Compacter", self.hidden_size, path, module)
+        refuse_kinds(self, path, module)
+        check_hidden_size(self, self.hidden_size, path, module)
 
     def _rule(self, opts: dict, device: DeviceLike) -> torch.Tensor:
         n = self.phm_dim

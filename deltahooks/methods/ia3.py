@@ -109,7 +109,7 @@ class IA3(DeltaSpec):
                 f"IA3 feedforward={self.feedforward!r} must be a target string or a list of "
                 "them (name suffix, glob or 're:' regex), e.g. feedforward=['down_proj']"
             )
-        validate.one_of("IA3", "init", self.init, INITS)
+        validate.one_of(self, "init", self.init, INITS)
 
     def reads_weight(self, path: str, module: nn.Module) -> bool:
         """False: it reads only the layer's input and output, so quantized layers take it."""

@@ -91,13 +91,13 @@ class LoHa(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _rank_patterns.validate_rank_and_alpha("LoHa", self)
-        validate.one_of("LoHa", "init", self.init, INITS)
+        _rank_patterns.validate_rank_and_alpha(self)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         kind = kind_of(module)
         if kind not in (LINEAR, CONV1D_GPT2, CONV) or (kind == CONV and module.weight.dim() > 4):
-            _lycoris.refuse("LoHa", path, module, SUPPORTED)
+            _lycoris.refuse(self, path, module, SUPPORTED)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None

@@ -101,7 +101,7 @@ class LoKr(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _rank_patterns.validate_rank_and_alpha("LoKr", self)
+        _rank_patterns.validate_rank_and_alpha(self)
         if not (isinstance(self.factor, int) and not isinstance(self.factor, bool)) or not (
             self.factor == -1 or self.factor > 0
         ):
@@ -109,13 +109,13 @@ class LoKr(DeltaSpec):
                 f"LoKr factor={self.factor!r} must be -1 (split near the square root) or a "
                 "positive integer, e.g. factor=4"
             )
-        validate.flag("LoKr", "decompose_both", self.decompose_both)
-        validate.one_of("LoKr", "init", self.init, INITS)
+        validate.flag(self, "decompose_both", self.decompose_both)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         kind = kind_of(module)
         if kind not in (LINEAR, CONV1D_GPT2, CONV) or (kind == CONV and module.weight.dim() != 4):
-            _lycoris.refuse("LoKr", path, module, SUPPORTED)
+            _lycoris.refuse(self, path, module, SUPPORTED)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None

@@ -194,11 +194,11 @@ class LoRA(DeltaSpec):
     dora: bool = False
 
     def validate(self) -> None:
-        _rank_patterns.validate_rank_and_alpha("LoRA", self)
-        validate.probability("LoRA", "dropout", self.dropout)
-        validate.flag("LoRA", "rslora", self.rslora)
-        validate.one_of("LoRA", "init", self.init, INITS)
-        validate.flag("LoRA", "dora", self.dora)
+        _rank_patterns.validate_rank_and_alpha(self)
+        validate.probability(self, "dropout", self.dropout)
+        validate.flag(self, "rslora", self.rslora)
+        validate.one_of(self, "init", self.init, INITS)
+        validate.flag(self, "dora", self.dora)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         if isinstance(path, ParameterPath):

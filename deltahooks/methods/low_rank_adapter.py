@@ -78,18 +78,18 @@ class LowRankAdapter(DeltaSpec):
     hidden_size: int | None = None
 
     def validate(self) -> None:
-        validate.positive_int("LowRankAdapter", "reduction_factor", self.reduction_factor, 32)
-        validate.positive_int("LowRankAdapter", "rank", self.rank, example=1)
-        validate.one_of("LowRankAdapter", "activation", self.activation, sorted(ACTIVATIONS))
-        validate.optional_positive_int("LowRankAdapter", "hidden_size", self.hidden_size, 768)
+        validate.positive_int(self, "reduction_factor", self.reduction_factor, 32)
+        validate.positive_int(self, "rank", self.rank, example=1)
+        validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
 
     def reads_weight(self, path: str, module: nn.Module) -> bool:
         """False: it reads only the layer's input and output, so quantized layers take it."""
         return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        refuse_kinds("LowRankAdapter", path, module)
-        check_hidden_size("LowRankAdapter", self.hidden_size, path, module)
+        refuse_kinds(self, path, module)
+        check_hidden_size(self, self.hidden_size, path, module)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None

@@ -101,10 +101,10 @@ class OFT(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.optional_positive_int("OFT", "block_size", self.block_size, example=32)
-        validate.flag("OFT", "use_cayley_neumann", self.use_cayley_neumann)
-        validate.positive_int("OFT", "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 5)
-        validate.one_of("OFT", "init", self.init, INITS)
+        validate.optional_positive_int(self, "block_size", self.block_size, example=32)
+        validate.flag(self, "use_cayley_neumann", self.use_cayley_neumann)
+        validate.positive_int(self, "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 5)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         if kind_of(module) not in KINDS:

@@ -84,26 +84,26 @@ class ParallelAdapter(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.positive_int("ParallelAdapter", "bottleneck", self.bottleneck, example=64)
-        validate.finite("ParallelAdapter", "scale", self.scale)
-        validate.one_of("ParallelAdapter", "activation", self.activation, sorted(ACTIVATIONS))
-        validate.optional_positive_int("ParallelAdapter", "hidden_size", self.hidden_size, 768)
-        validate.one_of("ParallelAdapter", "init", self.init, INITS)
+        validate.positive_int(self, "bottleneck", self.bottleneck, example=64)
+        validate.finite(self, "scale", self.scale)
+        validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
+        validate.one_of(self, "init", self.init, INITS)
 
     def reads_weight(self, path: str, module: nn.Module) -> bool:
         """False: it reads only the layer's input and output, so quantized layers take it."""
         return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        refuse_kinds("ParallelAdapter", path, module, (CONV, EMBEDDING))
-        check_hidden_size("ParallelAdapter", self.hidden_size, path, module)
+        refuse_kinds(self, path, module, (CONV, EMBEDDING))
+        check_hidden_size(self, self.hidden_size, path, module)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
         fan_in = input_width(path, module, root, self.hidden_size)
         fan_out = hidden_width(path, module, root, self.hidden_size)
-        check_bottleneck("ParallelAdapter", self.bottleneck, fan_in, path, "input width")
+        check_bottleneck(self, self.bottleneck, fan_in, path, "input width")
         tensors = plain_pair(
             "parallel",
             fan_in,

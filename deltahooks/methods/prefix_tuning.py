@@ -167,15 +167,15 @@ class PrefixTuning(DeltaSpec):
     hidden: int = 512
 
     def validate(self) -> None:
-        validate.positive_int("PrefixTuning", "num_tokens", self.num_tokens, example=20)
-        validate.flag("PrefixTuning", "reparameterize", self.reparameterize)
-        validate.positive_int("PrefixTuning", "hidden", self.hidden, example=512)
+        validate.positive_int(self, "num_tokens", self.num_tokens, example=20)
+        validate.flag(self, "reparameterize", self.reparameterize)
+        validate.positive_int(self, "hidden", self.hidden, example=512)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         geometry(path, module)
 
     def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
-        one_target("PrefixTuning", targets)
+        one_target(self, targets)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None

@@ -27,6 +27,7 @@ from ..ledger import join
 from ..sites import RootCallSite, first_tensor
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
 from ..targets import Target
+from ..validate import name_of
 from ._calls import (
     EMBEDS_NAMES,
     ROOT,
@@ -118,20 +119,20 @@ class PromptTuning(DeltaSpec):
     init_text: list[int] | None = None
 
     def validate(self) -> None:
-        validate.positive_int("PromptTuning", "num_tokens", self.num_tokens, example=20)
-        validate.one_of("PromptTuning", "init", self.init, INITS)
-        check_init_text("PromptTuning", self.init, self.init_text)
+        validate.positive_int(self, "num_tokens", self.num_tokens, example=20)
+        validate.one_of(self, "init", self.init, INITS)
+        check_init_text(self, self.init, self.init_text)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        check_embeddings("PromptTuning", path, module)
+        check_embeddings(self, path, module)
         if is_encoder_decoder(module):
-            encoder = encoder_of("PromptTuning", path, module)
-            takes_inputs_embeds("PromptTuning", f"the encoder of {path or '<root>'!r}", encoder)
+            encoder = encoder_of(self, path, module)
+            takes_inputs_embeds(self, f"the encoder of {path or '<root>'!r}", encoder)
         else:
-            takes_inputs_embeds("PromptTuning", repr(path or "<root>"), module)
+            takes_inputs_embeds(self, repr(path or "<root>"), module)
 
     def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
-        one_target("PromptTuning", targets)
+        one_target(self, targets)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
@@ -162,17 +163,17 @@ class PromptTuning(DeltaSpec):
 
 
 # ------------------------------------------------------------------ attach-time checks
-def check_init_text(owner: str, init: str, init_text: object) -> None:
+def check_init_text(owner: object, init: str, init_text: object) -> None:
     if init != "text":
         if init_text is not None:
             raise SpecError(
-                f"{owner} init_text is used only with init='text' (init={init!r}); "
+                f"{name_of(owner)} init_text is used only with init='text' (init={init!r}); "
                 "pass init='text' or drop init_text"
             )
         return
     if isinstance(init_text, str):
         raise SpecError(
-            f"{owner} init_text must be token ids, not text (deltahooks has no tokenizer): "
+            f"{name_of(owner)} init_text must be token ids, not text (deltahooks has no tokenizer): "
             "pass init_text=tokenizer(text)['input_ids']"
         )
     if (
@@ -181,12 +182,12 @@ def check_init_text(owner: str, init: str, init_text: object) -> None:
         or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in init_text)
     ):
         raise SpecError(
-            f"{owner} init='text' needs init_text, a non-empty list of token ids "
+            f"{name_of(owner)} init='text' needs init_text, a non-empty list of token ids "
             f"(non-negative integers), e.g. init_text=[464, 3290]; got {init_text!r}"
         )
 
 
-def check_embeddings(owner: str, path: str, module: nn.Module) -> None:
+def check_embeddings(owner: object, path: str, module: nn.Module) -> None:
     """The target must say where its token embeddings are."""
     getter = getattr(module, "get_input_embeddings", None)
     embedding = None
@@ -198,27 +199,27 @@ def check_embeddings(owner: str, path: str, module: nn.Module) -> None:
     weight = getattr(embedding, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise UnsupportedModuleError(
-            f"{owner} needs the module it prompts to have get_input_embeddings() returning an "
+            f"{name_of(owner)} needs the module it prompts to have get_input_embeddings() returning an "
             f"embedding layer, and {path or '<root>'!r} ({type(module).__name__}) has none; "
             "target the transformers model (the root, the default) or a module that has one"
         )
 
 
-def takes_inputs_embeds(owner: str, where: str, module: nn.Module) -> None:
+def takes_inputs_embeds(owner: object, where: str, module: nn.Module) -> None:
     if call_names(module).embeds not in inspect.signature(module.forward).parameters:
         raise UnsupportedModuleError(
-            f"{owner} feeds embeddings to {where} ({type(module).__name__}), but its forward "
+            f"{name_of(owner)} feeds embeddings to {where} ({type(module).__name__}), but its forward "
             f"takes no embeddings argument (looked for {' or '.join(EMBEDS_NAMES)}); this model "
             "cannot be prompted through embeddings"
         )
 
 
-def encoder_of(owner: str, path: str, module: nn.Module) -> nn.Module:
+def encoder_of(owner: object, path: str, module: nn.Module) -> nn.Module:
     getter = getattr(module, "get_encoder", None)
     encoder = getter() if callable(getter) else None
     if not isinstance(encoder, nn.Module) or encoder is module:
         raise UnsupportedModuleError(
-            f"{owner}: {path or '<root>'!r} ({type(module).__name__}) is an encoder-decoder "
+            f"{name_of(owner)}: {path or '<root>'!r} ({type(module).__name__}) is an encoder-decoder "
             "model without get_encoder(), so the prompt has no encoder input to go in front of"
         )
     path_of(module, encoder)

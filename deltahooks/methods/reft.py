@@ -152,10 +152,10 @@ class ReFT(DeltaSpec):
 
     def validate(self) -> None:
         parse_positions(self.positions)
-        validate.positive_int("ReFT", "rank", self.rank, example=4)
-        validate.optional_positive_int("ReFT", "hidden_size", self.hidden_size, example=768)
-        validate.probability("ReFT", "dropout", self.dropout)
-        validate.one_of("ReFT", "init", self.init, INITS)
+        validate.positive_int(self, "rank", self.rank, example=4)
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, example=768)
+        validate.probability(self, "dropout", self.dropout)
+        validate.one_of(self, "init", self.init, INITS)
 
     def reads_weight(self, path: str, module: nn.Module) -> bool:
         """False: it reads only the layer's input and output, so quantized layers take it."""

@@ -100,17 +100,17 @@ class VeRA(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.positive_int("VeRA", "r", self.r, 256)
+        validate.positive_int(self, "r", self.r, 256)
         key = self.projection_prng_key
         if not (isinstance(key, int) and not isinstance(key, bool) and 0 <= key < 2**63):
             raise SpecError(
                 f"VeRA projection_prng_key={key!r} must be an integer seed >= 0 (below 2**63), "
                 "e.g. projection_prng_key=0"
             )
-        validate.flag("VeRA", "save_projection", self.save_projection)
-        validate.probability("VeRA", "dropout", self.dropout)
-        validate.finite("VeRA", "d_initial", self.d_initial)
-        validate.one_of("VeRA", "init", self.init, INITS)
+        validate.flag(self, "save_projection", self.save_projection)
+        validate.probability(self, "dropout", self.dropout)
+        validate.finite(self, "d_initial", self.d_initial)
+        validate.one_of(self, "init", self.init, INITS)
 
     def reads_weight(self, path: str, module: nn.Module) -> bool:
         """False: it reads only the layer's input and output, so quantized layers take it."""
