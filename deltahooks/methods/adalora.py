@@ -27,7 +27,6 @@ from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ._lora_autograd import low_rank_update, pays_off
 
-KINDS = (LINEAR, CONV1D_GPT2, CONV)
 INITS = ("default", "random")
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
@@ -156,6 +155,8 @@ class AdaLoRA(DeltaSpec):
     """
 
     method = "adalora"
+    layer_kinds = (LINEAR, CONV1D_GPT2, CONV)
+    reads_weights = False
     total_step: int
     init_r: int = 12
     target_r: int = 8
@@ -198,14 +199,10 @@ class AdaLoRA(DeltaSpec):
         validate.probability(self, "dropout", self.dropout)
         validate.one_of(self, "init", self.init, INITS)
 
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
-
     def check_module(self, path: str, module: nn.Module) -> None:
         kind = kind_of(module)
         conv2d = isinstance(module, nn.Conv2d) and module.groups == 1
-        if kind not in KINDS or (kind == CONV and not conv2d):
+        if kind not in self.layer_kinds or (kind == CONV and not conv2d):
             raise UnsupportedModuleError(
                 f"AdaLoRA cannot adapt {path or '<root>'!r} ({type(module).__name__}); it "
                 "supports nn.Linear, transformers Conv1D and nn.Conv2d with groups=1 (as PEFT). "
@@ -221,7 +218,7 @@ class AdaLoRA(DeltaSpec):
         a = torch.zeros(r, fan_in, **opts)
         e = torch.zeros(r, 1, **opts)
         b = torch.zeros(fan_out, r, **opts)
-        if device is None:  # a real build; a plan needs shapes only
+        if self.real_build(device):
             with torch.no_grad():
                 std = 1.0 if self.init == "random" else 0.02
                 a.normal_(0.0, std)

@@ -84,6 +84,7 @@ class Adapter(DeltaSpec):
     """
 
     method = "adapter"
+    reads_weights = False
     bottleneck: int = 64
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
     scale: float = 1.0
@@ -96,10 +97,6 @@ class Adapter(DeltaSpec):
         validate.finite(self, "scale", self.scale)
         validate.optional_positive_int(self, "hidden_size", self.hidden_size, example=768)
         validate.one_of(self, "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
         check_hidden_size(self, self.hidden_size, path, module)

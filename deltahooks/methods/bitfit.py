@@ -35,8 +35,6 @@ from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import ParameterPath, Target
 
-KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV, NORM)
-
 TORCH_NORMS = (
     nn.LayerNorm,
     nn.RMSNorm,
@@ -73,12 +71,12 @@ def own_biases(module: nn.Module) -> list[str]:
         >>> own_biases(torch.nn.MultiheadAttention(8, 2))
         ['in_proj_bias']
     """
-    if kind_of(module) in KINDS:
+    if kind_of(module) in BitFit.layer_kinds:
         return []
     inner = {
         id(layer.bias)
         for layer in module.modules()
-        if layer is not module and kind_of(layer) in KINDS and has_bias(layer)
+        if layer is not module and kind_of(layer) in BitFit.layer_kinds and has_bias(layer)
     }
     return [
         name
@@ -94,7 +92,7 @@ def own_biases(module: nn.Module) -> list[str]:
 def layers_with_a_bias(path: str, module: nn.Module) -> bool:
     """BitFit's default targets: every bias the model has (the paper's): the layers of a
     known kind that have one, and the modules that hold bias Parameters of their own."""
-    return (kind_of(module) in KINDS and has_bias(module)) or bool(own_biases(module))
+    return (kind_of(module) in BitFit.layer_kinds and has_bias(module)) or bool(own_biases(module))
 
 
 layers_with_a_bias.no_match_hint = (
@@ -165,12 +163,10 @@ class BitFit(DeltaSpec):
     """
 
     method = "bitfit"
+    layer_kinds = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV, NORM)
+    reads_weights = False
     parameter_targets = True
     targets: Target = layers_with_a_bias
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
         if isinstance(path, ParameterPath):
@@ -182,7 +178,7 @@ class BitFit(DeltaSpec):
                     "'in_proj_bias') or the layer that owns it"
                 )
             return
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             if own_biases(module):
                 return
             raise UnsupportedModuleError(
@@ -203,7 +199,7 @@ class BitFit(DeltaSpec):
     ) -> Part:
         if isinstance(path, ParameterPath):  # one named tensor, e.g. "self_attn.in_proj_bias"
             return self._tensor_part(path.module_path, module, [path.name], device, path)
-        if kind_of(module) not in KINDS:  # its own bias Parameters
+        if not self.takes_kind(module):  # its own bias Parameters
             return self._tensor_part(path, module, own_biases(module), device)
         direct = needs_weight_site("BitFit", path, module, root)
         if direct and not has_bias(module):

@@ -25,7 +25,6 @@ from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ._orthogonal import PEFT_BOFT_BLOCK_SIZE, cayley, nearest_divisor, rotate
 from .oft import rotated_weight
 
-KINDS = (LINEAR, CONV1D_GPT2, CONV)
 INITS = ("default", "random")
 
 
@@ -91,6 +90,7 @@ class BOFT(DeltaSpec):
     """
 
     method = "boft"
+    layer_kinds = (LINEAR, CONV1D_GPT2, CONV)
     block_size: int | None = None
     butterfly_factor: int = 1
     init: Literal["default", "random"] = "default"
@@ -118,7 +118,7 @@ class BOFT(DeltaSpec):
         return nearest_divisor(width, PEFT_BOFT_BLOCK_SIZE, allowed=partial(self.allowed, width))
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             raise UnsupportedModuleError(
                 f"BOFT cannot transform {path or '<root>'!r} ({type(module).__name__}); it "
                 "supports nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d. Narrow targets "

@@ -83,6 +83,7 @@ class Compacter(DeltaSpec):
     """
 
     method = "compacter"
+    reads_weights = False
     reduction_factor: int = 16
     phm_dim: int = 4
     phm_rank: int = 1
@@ -97,10 +98,6 @@ class Compacter(DeltaSpec):
         validate.flag(self, "shared_phm_rule", self.shared_phm_rule)
         validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
         validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
         refuse_kinds(self, path, module)
@@ -143,7 +140,7 @@ class Compacter(DeltaSpec):
             tensors["phm_rule_down"] = self._rule(opts, device)
             tensors["phm_rule_up"] = self._rule(opts, device)
             rules = ("phm_rule_down", "phm_rule_up")
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             init_factors(tensors["phm_down_s"], tensors["phm_down_t"], padded, terms=n)
             init_factors(tensors["phm_up_s"], tensors["phm_up_t"], size, terms=n)
             tensors["phm_up_s"].zero_()  # up = 0: the model is unchanged at attach

@@ -33,7 +33,6 @@ from ..sites import InputSite, OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import first_match
 
-KINDS = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
 NAMES = ("ia3_l",)
 INITS = ("default", "random")
 
@@ -99,6 +98,8 @@ class IA3(DeltaSpec):
     """
 
     method = "ia3"
+    layer_kinds = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
+    reads_weights = False
     feedforward: str | list[str] = field(default_factory=list)
     init: Literal["default", "random"] = "default"
 
@@ -111,12 +112,8 @@ class IA3(DeltaSpec):
             )
         validate.one_of(self, "init", self.init, INITS)
 
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
-
     def check_module(self, path: str, module: nn.Module) -> None:
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             raise UnsupportedModuleError(
                 f"IA3 cannot scale {path or '<root>'!r} ({type(module).__name__}); it supports "
                 "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding. Narrow "

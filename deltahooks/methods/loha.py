@@ -107,7 +107,7 @@ class LoHa(DeltaSpec):
         options = tensor_options(module, device)
         shapes = ((fan_out, rank), (rank, fan_in), (fan_out, rank), (rank, fan_in))
         tensors = {name: torch.empty(shape, **options) for name, shape in zip(NAMES, shapes)}
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             _initialise(tensors, self.init)
         fn = partial(hadamard_weight, kind_of(module) == CONV1D_GPT2, scale)
         # A weight site, not an output hook like PEFT's: both build the full-size update,

@@ -142,7 +142,7 @@ class LoKr(DeltaSpec):
             shapes.update(lokr_w2_a=(out2, rank), lokr_w2_b=(rank, in2 * math.prod(kernel)))
         options = tensor_options(module, device)
         tensors = {name: torch.empty(shape, **options) for name, shape in shapes.items()}
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             _initialise(tensors, self.init)
         names = tuple(tensors)
         fn = partial(kronecker_weight, kind == CONV1D_GPT2, full1, full2, scale)

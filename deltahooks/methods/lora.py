@@ -36,8 +36,6 @@ from .dora import dora_part
 from .lora_attention import attention_part
 from .lora_inits import INITS, RESIDUAL_INITS, check_residual_start, initialise, residual_start
 
-KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV)
-
 
 def bypass(kind: str, scale: float, dropout: float, module: nn.Module, x, y, tensors, writable):
     """``y + s · B(A(dropout(x)))``; accumulated into ``y`` in place when ``writable``.
@@ -183,6 +181,7 @@ class LoRA(DeltaSpec):
     """
 
     method = "lora"
+    layer_kinds = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV)
     parameter_targets = True
     r: int = 8
     alpha: float = 8.0
@@ -207,7 +206,7 @@ class LoRA(DeltaSpec):
         kind = kind_of(module)
         if isinstance(module, nn.MultiheadAttention):
             return
-        if kind not in KINDS:
+        if kind not in self.layer_kinds:
             raise UnsupportedModuleError(
                 f"LoRA cannot adapt {path!r} ({type(module).__name__}); it supports nn.Linear, "
                 "transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Narrow targets "
@@ -270,7 +269,7 @@ class LoRA(DeltaSpec):
             a = torch.empty(rank, fan_in, **like)
             b = torch.empty(fan_out, rank, **like)
         full_rank = min(fan_in, fan_out)
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             if rank > full_rank:
                 warn(
                     f"LoRA rank {rank} on {path!r} exceeds the full rank {full_rank} of its "

@@ -72,6 +72,7 @@ class LowRankAdapter(DeltaSpec):
     """
 
     method = "low_rank_adapter"
+    reads_weights = False
     reduction_factor: int = 32
     rank: int = 1
     activation: Literal["relu", "gelu", "tanh", "silu"] = "gelu"
@@ -82,10 +83,6 @@ class LowRankAdapter(DeltaSpec):
         validate.positive_int(self, "rank", self.rank, example=1)
         validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
         validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
         refuse_kinds(self, path, module)
@@ -105,7 +102,7 @@ class LowRankAdapter(DeltaSpec):
             "lowrank_up_v": torch.empty(size, self.rank, **opts),
             "lowrank_up_bias": torch.zeros(width, **opts),
         }
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             init_factors(tensors["lowrank_down_u"], tensors["lowrank_down_v"], width)
             init_factors(tensors["lowrank_up_u"], tensors["lowrank_up_v"], size)
             tensors["lowrank_up_u"].zero_()  # up = 0: the model is unchanged at attach

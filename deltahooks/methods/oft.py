@@ -23,7 +23,6 @@ from ..sites import InputSite, OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ._orthogonal import PEFT_OFT_BLOCK_SIZE, cayley, nearest_divisor, rotate, skew_from_upper
 
-KINDS = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
 INITS = ("default", "random")
 
 
@@ -95,6 +94,7 @@ class OFT(DeltaSpec):
     """
 
     method = "oft"
+    layer_kinds = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
     block_size: int | None = None
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
@@ -107,7 +107,7 @@ class OFT(DeltaSpec):
         validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             raise UnsupportedModuleError(
                 f"OFT cannot rotate {path or '<root>'!r} ({type(module).__name__}); it supports "
                 "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding. Narrow "

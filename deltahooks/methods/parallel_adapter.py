@@ -77,6 +77,7 @@ class ParallelAdapter(DeltaSpec):
     """
 
     method = "parallel_adapter"
+    reads_weights = False
     bottleneck: int = 64
     scale: float = 1.0
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
@@ -89,10 +90,6 @@ class ParallelAdapter(DeltaSpec):
         validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
         validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
         validate.one_of(self, "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
         refuse_kinds(self, path, module, (CONV, EMBEDDING))

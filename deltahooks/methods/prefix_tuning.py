@@ -191,7 +191,7 @@ class PrefixTuning(DeltaSpec):
             tensors = {name: torch.empty(shape, **like) for name, shape in zip(MLP, shapes)}
         else:
             tensors = {"prefixes": torch.empty(self.num_tokens, flat, **like)}
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             initialise(tensors)
         transformers = sys.modules["transformers"]
         caches = (transformers.DynamicCache, transformers.EncoderDecoderCache)

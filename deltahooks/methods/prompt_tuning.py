@@ -140,7 +140,7 @@ class PromptTuning(DeltaSpec):
         weight = module.get_input_embeddings().weight
         like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
         prompt = torch.empty(self.num_tokens, weight.shape[1], **like)
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             initialise(prompt, weight, self.init, self.init_text)
         names = ("prompt_embeddings",)
         if is_encoder_decoder(module):

@@ -144,6 +144,7 @@ class ReFT(DeltaSpec):
     """
 
     method = "reft"
+    reads_weights = False
     positions: str = "f5+l5"
     rank: int = 4
     hidden_size: int | None = None
@@ -156,10 +157,6 @@ class ReFT(DeltaSpec):
         validate.optional_positive_int(self, "hidden_size", self.hidden_size, example=768)
         validate.probability(self, "dropout", self.dropout)
         validate.one_of(self, "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
         known = output_width(module)
@@ -183,7 +180,7 @@ class ReFT(DeltaSpec):
         raw = torch.empty(width, self.rank, **opts)
         weight = torch.empty(self.rank, width, **opts)
         bias = torch.empty(self.rank, **opts)
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             _initialise(raw, weight, bias, self.init)
         first, last = parse_positions(self.positions)
         site = OutputSite(

@@ -26,7 +26,6 @@ from ..merging import stored
 from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, SharedTensor, register_method, tensor_options
 
-KINDS = (LINEAR, CONV1D_GPT2)
 INITS = ("default", "random")
 
 
@@ -92,6 +91,8 @@ class VeRA(DeltaSpec):
     """
 
     method = "vera"
+    layer_kinds = (LINEAR, CONV1D_GPT2)
+    reads_weights = False
     r: int = 256
     projection_prng_key: int = 0
     save_projection: bool = True
@@ -112,12 +113,8 @@ class VeRA(DeltaSpec):
         validate.finite(self, "d_initial", self.d_initial)
         validate.one_of(self, "init", self.init, INITS)
 
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
-
     def check_module(self, path: str, module: nn.Module) -> None:
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             raise UnsupportedModuleError(
                 f"VeRA cannot adapt {path or '<root>'!r} ({type(module).__name__}); it supports "
                 "nn.Linear and transformers Conv1D (as PEFT does). Narrow targets (e.g. "
