@@ -22,6 +22,11 @@ from ._bottleneck import ACTIVATIONS, bottleneck, check_bottleneck, check_hidden
 INITS = ("default", "random")
 
 
+def residual(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
+    """``y + s · up(act(down(y)))``."""
+    return bottleneck(module, activation, scale, y, y, *tensors)
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class Adapter(DeltaSpec):
@@ -122,8 +127,3 @@ class Adapter(DeltaSpec):
             [site],
             cannot_merge="an Adapter is non-linear in the module's output",
         )
-
-
-def residual(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
-    """``y + s · up(act(down(y)))``."""
-    return bottleneck(module, activation, scale, y, y, *tensors)

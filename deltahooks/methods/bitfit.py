@@ -102,6 +102,33 @@ layers_with_a_bias.no_match_hint = (
 )
 
 
+def add_to_tensor(tensor: torch.Tensor, tensors) -> torch.Tensor:
+    """``b + Δb``: the weight site of a bias read in place."""
+    (delta,) = tensors
+    return tensor + delta
+
+
+def add_bias(dim: int, module: nn.Module, x, y, tensors, writable):
+    """``y + Δb`` along the channel dimension ``dim``, into ``y`` when ``writable``."""
+    (bias,) = tensors
+    if y.dim() < (-dim if dim < 0 else dim + 1) or y.shape[dim] != bias.shape[0]:
+        raise UnsupportedModuleError(
+            f"BitFit adds one value per channel ({bias.shape[0]}) along dimension {dim} of "
+            f"{type(module).__name__}'s output, but that output has shape {tuple(y.shape)}: "
+            "the layer keeps its channels elsewhere; exclude it from targets"
+        )
+    bias = along_channels(bias, dim, y.dim())
+    if writable:
+        return y.add_(bias)
+    return y + bias.to(y.dtype)
+
+
+def merged_bias(module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    bias = stored(module, "bias")
+    exact = torch.promote_types(bias.dtype, torch.float32)
+    return {"bias": (bias.to(exact) + tensors["bitfit_bias"].to(exact)).to(bias.dtype)}
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class BitFit(DeltaSpec):
@@ -256,30 +283,3 @@ class BitFit(DeltaSpec):
             target=target,
             note=note,
         )
-
-
-def add_to_tensor(tensor: torch.Tensor, tensors) -> torch.Tensor:
-    """``b + Δb``: the weight site of a bias read in place."""
-    (delta,) = tensors
-    return tensor + delta
-
-
-def add_bias(dim: int, module: nn.Module, x, y, tensors, writable):
-    """``y + Δb`` along the channel dimension ``dim``, into ``y`` when ``writable``."""
-    (bias,) = tensors
-    if y.dim() < (-dim if dim < 0 else dim + 1) or y.shape[dim] != bias.shape[0]:
-        raise UnsupportedModuleError(
-            f"BitFit adds one value per channel ({bias.shape[0]}) along dimension {dim} of "
-            f"{type(module).__name__}'s output, but that output has shape {tuple(y.shape)}: "
-            "the layer keeps its channels elsewhere; exclude it from targets"
-        )
-    bias = along_channels(bias, dim, y.dim())
-    if writable:
-        return y.add_(bias)
-    return y + bias.to(y.dtype)
-
-
-def merged_bias(module: nn.Module, tensors) -> dict[str, torch.Tensor]:
-    bias = stored(module, "bias")
-    exact = torch.promote_types(bias.dtype, torch.float32)
-    return {"bias": (bias.to(exact) + tensors["bitfit_bias"].to(exact)).to(bias.dtype)}

@@ -28,6 +28,52 @@ from .oft import rotated_weight
 INITS = ("default", "random")
 
 
+def rotations(blocks: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley blocks of ``(A - Aᵀ)/2`` in float32 or wider, ``blocks``' shape."""
+    exact = torch.promote_types(blocks.dtype, torch.float32)
+    blocks = blocks.to(exact)
+    return cayley(0.5 * (blocks - blocks.transpose(-2, -1)), None)
+
+
+def rotate_input(module: nn.Module, x, tensors):
+    """``x M`` on the input features."""
+    (blocks,) = tensors
+    return rotate(x, rotations(blocks).to(x.dtype))
+
+
+def scale_output(module: nn.Module, x, y, tensors, writable):
+    """``s ⊙ (y - b) + b``: the scale acts on ``W Mᵀ x``, not on the bias."""
+    (scale,) = tensors
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return y * scale.view(-1).to(y.dtype)
+    return (y - bias) * scale.view(-1).to(y.dtype) + bias
+
+
+def transform_weight(weight: torch.Tensor, tensors) -> torch.Tensor:
+    """A convolution's ``diag(s) W Mᵀ`` with each filter flattened."""
+    blocks, scale = tensors
+    rotated = rotate(weight.flatten(1), rotations(blocks).to(weight.dtype), transpose=True)
+    return (rotated * scale.to(weight.dtype)).view_as(weight)
+
+
+def boft_weight(kind: str, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``diag(s) W Mᵀ`` in the weight's own layout (the bias untouched)."""
+    blocks, scale = tensors
+    value = rotated_weight(kind, weight, rotations(blocks).to(weight.dtype))
+    scale = scale.to(weight.dtype).view(-1)
+    if kind == CONV1D_GPT2:  # (in, out)
+        return value * scale
+    return value * scale.view(-1, *[1] * (weight.dim() - 1))
+
+
+def merged(kind: str, module: nn.Module, tensors) -> dict:
+    weight = stored(module, "weight")
+    exact = torch.promote_types(weight.dtype, torch.float32)
+    value = boft_weight(kind, weight.to(exact), (tensors["boft_R"], tensors["boft_s"]))
+    return {"weight": value.to(weight.dtype)}
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class BOFT(DeltaSpec):
@@ -168,49 +214,3 @@ class BOFT(DeltaSpec):
             exclusive_merge=True,
             note=WHY if direct else "",
         )
-
-
-def rotations(blocks: torch.Tensor) -> torch.Tensor:
-    """Exact Cayley blocks of ``(A - Aᵀ)/2`` in float32 or wider, ``blocks``' shape."""
-    exact = torch.promote_types(blocks.dtype, torch.float32)
-    blocks = blocks.to(exact)
-    return cayley(0.5 * (blocks - blocks.transpose(-2, -1)), None)
-
-
-def rotate_input(module: nn.Module, x, tensors):
-    """``x M`` on the input features."""
-    (blocks,) = tensors
-    return rotate(x, rotations(blocks).to(x.dtype))
-
-
-def scale_output(module: nn.Module, x, y, tensors, writable):
-    """``s ⊙ (y - b) + b``: the scale acts on ``W Mᵀ x``, not on the bias."""
-    (scale,) = tensors
-    bias = getattr(module, "bias", None)
-    if bias is None:
-        return y * scale.view(-1).to(y.dtype)
-    return (y - bias) * scale.view(-1).to(y.dtype) + bias
-
-
-def transform_weight(weight: torch.Tensor, tensors) -> torch.Tensor:
-    """A convolution's ``diag(s) W Mᵀ`` with each filter flattened."""
-    blocks, scale = tensors
-    rotated = rotate(weight.flatten(1), rotations(blocks).to(weight.dtype), transpose=True)
-    return (rotated * scale.to(weight.dtype)).view_as(weight)
-
-
-def boft_weight(kind: str, weight: torch.Tensor, tensors) -> torch.Tensor:
-    """``diag(s) W Mᵀ`` in the weight's own layout (the bias untouched)."""
-    blocks, scale = tensors
-    value = rotated_weight(kind, weight, rotations(blocks).to(weight.dtype))
-    scale = scale.to(weight.dtype).view(-1)
-    if kind == CONV1D_GPT2:  # (in, out)
-        return value * scale
-    return value * scale.view(-1, *[1] * (weight.dim() - 1))
-
-
-def merged(kind: str, module: nn.Module, tensors) -> dict:
-    weight = stored(module, "weight")
-    exact = torch.promote_types(weight.dtype, torch.float32)
-    value = boft_weight(kind, weight.to(exact), (tensors["boft_R"], tensors["boft_s"]))
-    return {"weight": value.to(weight.dtype)}

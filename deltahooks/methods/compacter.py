@@ -29,6 +29,20 @@ from ._bottleneck import (
 )
 
 
+def phm_weight(rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``Σ_i A_i ⊗ (s_i t_iᵀ)``: rules (n, n, n), ``s`` (n, rows, r), ``t`` (n, cols, r)."""
+    n, rows, cols = rule.shape[0], s.shape[1], t.shape[1]
+    return torch.einsum("iab,icr,idr->acbd", rule, s, t).reshape(n * rows, n * cols)
+
+
+def compacter(activation: str, width: int, module: nn.Module, x, y, tensors, writable):
+    """``y + up(act(down(y)))`` with PHM weights cut to the hidden width (the padding)."""
+    rule_down, rule_up, down_s, down_t, down_bias, up_s, up_t, up_bias = tensors
+    down = phm_weight(rule_down, down_s, down_t)[:, :width]
+    up = phm_weight(rule_up, up_s, up_t)[:width]
+    return bottleneck(module, activation, 1.0, y, y, down, down_bias, up, up_bias)
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class Compacter(DeltaSpec):
@@ -148,17 +162,3 @@ class Compacter(DeltaSpec):
         site = OutputSite(partial(compacter, self.activation, width), names)
         cannot = "a Compacter is non-linear in the module's output"
         return Part(path, tensors, [site], cannot_merge=cannot)
-
-
-def phm_weight(rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``Σ_i A_i ⊗ (s_i t_iᵀ)``: rules (n, n, n), ``s`` (n, rows, r), ``t`` (n, cols, r)."""
-    n, rows, cols = rule.shape[0], s.shape[1], t.shape[1]
-    return torch.einsum("iab,icr,idr->acbd", rule, s, t).reshape(n * rows, n * cols)
-
-
-def compacter(activation: str, width: int, module: nn.Module, x, y, tensors, writable):
-    """``y + up(act(down(y)))`` with PHM weights cut to the hidden width (the padding)."""
-    rule_down, rule_up, down_s, down_t, down_bias, up_s, up_t, up_bias = tensors
-    down = phm_weight(rule_down, down_s, down_t)[:, :width]
-    up = phm_weight(rule_up, up_s, up_t)[:width]
-    return bottleneck(module, activation, 1.0, y, y, down, down_bias, up, up_bias)

@@ -28,6 +28,64 @@ NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d and nn.Conv2d"
 
 
+@torch.no_grad()
+def _initialise(tensors: dict[str, torch.Tensor], init: str) -> None:
+    for name, tensor in tensors.items():
+        if name == "hada_w2_b" and init == "default":
+            nn.init.zeros_(tensor)  # one zero factor: the update starts at exactly zero
+        else:
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def hadamard_weight(transposed: bool, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``W + s · (A₁B₁) ⊙ (A₂B₂)`` in the weight's own layout.
+
+    ``transposed``: the weight is stored fan-in × fan-out (GPT-2 ``Conv1D``), so the
+    update is built transposed, ``(B₁ᵀA₁ᵀ) ⊙ (B₂ᵀA₂ᵀ)``, with no copy of ``W``.
+    """
+    a1, b1, a2, b2 = tensors
+    if transposed:
+        a1, b1, a2, b2 = b1.t(), a1.t(), b2.t(), a2.t()
+    matrix = weight.flatten(1)  # a convolution's kernel as fan-out × (fan-in · kernel)
+    return HadamardUpdate.apply(matrix, a1, b1, a2, b2, scale).view_as(weight)
+
+
+class HadamardUpdate(torch.autograd.Function):
+    """``W + s · (A₁B₁) ⊙ (A₂B₂)`` that keeps only the small factors for the backward.
+
+    Plain autograd would keep both full-size products alive per layer until the
+    backward; here they are recomputed there (one matmul each), as PEFT does. Written
+    with ``setup_context`` and a generated vmap rule, so ``torch.func`` transforms work.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight, a1, b1, a2, b2, scale: float):
+        return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, a1, b1, a2, b2, scale = inputs
+        ctx.save_for_backward(a1, b1, a2, b2)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        a1, b1, a2, b2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = [grad if needs[0] else None, None, None, None, None, None]
+        for i, (a, b, other_a, other_b) in enumerate(((a1, b1, a2, b2), (a2, b2, a1, b1))):
+            if needs[1 + 2 * i] or needs[2 + 2 * i]:
+                # d/d(AB) of s · (AB) ⊙ P is s · grad ⊙ P; the scale goes on the small results
+                through = (other_a @ other_b).mul_(grad)
+                if needs[1 + 2 * i]:
+                    grads[1 + 2 * i] = (through @ b.mT).mul_(ctx.scale)
+                if needs[2 + 2 * i]:
+                    grads[2 + 2 * i] = (a.mT @ through).mul_(ctx.scale)
+        return tuple(grads)
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class LoHa(DeltaSpec):
@@ -120,61 +178,3 @@ class LoHa(DeltaSpec):
             [WeightSite(fn, "weight", NAMES)],
             merge=partial(_lycoris.merged_weight, fn, NAMES),
         )
-
-
-@torch.no_grad()
-def _initialise(tensors: dict[str, torch.Tensor], init: str) -> None:
-    for name, tensor in tensors.items():
-        if name == "hada_w2_b" and init == "default":
-            nn.init.zeros_(tensor)  # one zero factor: the update starts at exactly zero
-        else:
-            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-
-
-def hadamard_weight(transposed: bool, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
-    """``W + s · (A₁B₁) ⊙ (A₂B₂)`` in the weight's own layout.
-
-    ``transposed``: the weight is stored fan-in × fan-out (GPT-2 ``Conv1D``), so the
-    update is built transposed, ``(B₁ᵀA₁ᵀ) ⊙ (B₂ᵀA₂ᵀ)``, with no copy of ``W``.
-    """
-    a1, b1, a2, b2 = tensors
-    if transposed:
-        a1, b1, a2, b2 = b1.t(), a1.t(), b2.t(), a2.t()
-    matrix = weight.flatten(1)  # a convolution's kernel as fan-out × (fan-in · kernel)
-    return HadamardUpdate.apply(matrix, a1, b1, a2, b2, scale).view_as(weight)
-
-
-class HadamardUpdate(torch.autograd.Function):
-    """``W + s · (A₁B₁) ⊙ (A₂B₂)`` that keeps only the small factors for the backward.
-
-    Plain autograd would keep both full-size products alive per layer until the
-    backward; here they are recomputed there (one matmul each), as PEFT does. Written
-    with ``setup_context`` and a generated vmap rule, so ``torch.func`` transforms work.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(weight, a1, b1, a2, b2, scale: float):
-        return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, a1, b1, a2, b2, scale = inputs
-        ctx.save_for_backward(a1, b1, a2, b2)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        a1, b1, a2, b2 = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grads = [grad if needs[0] else None, None, None, None, None, None]
-        for i, (a, b, other_a, other_b) in enumerate(((a1, b1, a2, b2), (a2, b2, a1, b1))):
-            if needs[1 + 2 * i] or needs[2 + 2 * i]:
-                # d/d(AB) of s · (AB) ⊙ P is s · grad ⊙ P; the scale goes on the small results
-                through = (other_a @ other_b).mul_(grad)
-                if needs[1 + 2 * i]:
-                    grads[1 + 2 * i] = (through @ b.mT).mul_(ctx.scale)
-                if needs[2 + 2 * i]:
-                    grads[2 + 2 * i] = (a.mT @ through).mul_(ctx.scale)
-        return tuple(grads)

@@ -27,6 +27,14 @@ from ._bottleneck import (
 )
 
 
+def low_rank(activation: str, module: nn.Module, x, y, tensors, writable):
+    """``y + up(act(down(y)))`` with ``down = u_d v_dᵀ``, ``up = u_u v_uᵀ``."""
+    down_u, down_v, down_bias, up_u, up_v, up_bias = tensors
+    return bottleneck(
+        module, activation, 1.0, y, y, down_u @ down_v.T, down_bias, up_u @ up_v.T, up_bias
+    )
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class LowRankAdapter(DeltaSpec):
@@ -109,11 +117,3 @@ class LowRankAdapter(DeltaSpec):
         site = OutputSite(partial(low_rank, self.activation), tuple(tensors))
         cannot = "a LowRankAdapter is non-linear in the module's output"
         return Part(path, tensors, [site], cannot_merge=cannot)
-
-
-def low_rank(activation: str, module: nn.Module, x, y, tensors, writable):
-    """``y + up(act(down(y)))`` with ``down = u_d v_dᵀ``, ``up = u_u v_uᵀ``."""
-    down_u, down_v, down_bias, up_u, up_v, up_bias = tensors
-    return bottleneck(
-        module, activation, 1.0, y, y, down_u @ down_v.T, down_bias, up_u @ up_v.T, up_bias
-    )

@@ -30,6 +30,17 @@ from ._bottleneck import (
 INITS = ("default", "random")
 
 
+def parallel(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
+    """``y + s · up(act(down(x)))``, with a clear error when ``x`` is not what was planned."""
+    source = first_tensor(x)
+    if source is None:
+        raise UnsupportedModuleError(
+            f"ParallelAdapter on {type(module).__name__} reads the module's first input, and it "
+            "got no tensor; target a module whose first input is its (..., width) hidden state"
+        )
+    return bottleneck(module, activation, scale, source, y, *tensors)
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class ParallelAdapter(DeltaSpec):
@@ -113,14 +124,3 @@ class ParallelAdapter(DeltaSpec):
         site = OutputSite(partial(parallel, self.activation, float(self.scale)), tuple(tensors))
         cannot = "a ParallelAdapter is non-linear in the module's input"
         return Part(path, tensors, [site], cannot_merge=cannot)
-
-
-def parallel(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
-    """``y + s · up(act(down(x)))``, with a clear error when ``x`` is not what was planned."""
-    source = first_tensor(x)
-    if source is None:
-        raise UnsupportedModuleError(
-            f"ParallelAdapter on {type(module).__name__} reads the module's first input, and it "
-            "got no tensor; target a module whose first input is its (..., width) hidden state"
-        )
-    return bottleneck(module, activation, scale, source, y, *tensors)

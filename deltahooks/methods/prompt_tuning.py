@@ -47,6 +47,185 @@ INITS = ("random", "vocab", "text")
 IGNORE_INDEX = -100  # transformers' loss ignores these label positions
 
 
+# ----------------------------------------------------------------------- the call rewrites
+def embedded(module: nn.Module, kwargs: dict, name: str) -> torch.Tensor | None:
+    embeds = kwargs.get(name)
+    if embeds is None and kwargs.get("input_ids") is not None:
+        embeds = module.get_input_embeddings()(kwargs["input_ids"])
+    return embeds
+
+
+def with_prompt(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    front = prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+    return torch.cat((front, embeds), dim=1)
+
+
+def prompt_call(names: CallNames, module: nn.Module, args: tuple, kwargs: dict, tensors):
+    """Decoder-only and encoder-only models: the whole call, prompt and all."""
+    (prompt,) = tensors
+    count = prompt.shape[0]
+    kwargs = bind(names.positional, args, kwargs)
+    filled, past = cached(names.get_cache(kwargs))
+    step = sequence(kwargs, names.embeds)
+    if step is None:  # nothing to prompt (the model will say what it misses)
+        return (), kwargs
+    mask, positions = names.mask, names.positions
+    if filled:  # continuing a sequence whose prompt is cached: shift past it
+        # a cache of states only (Mamba) has no positions to shift past: its masks cover
+        # the new tokens alone, and the model counts no positions
+        if past is not None and mask in kwargs:
+            kwargs[mask] = extend_mask(kwargs[mask], count, past + step.shape[1])
+        if past is not None and kwargs.get(positions) is not None:
+            kwargs[positions] = kwargs[positions] + count
+        return (), kwargs
+    embeds = embedded(module, kwargs, names.embeds)
+    length = embeds.shape[1]
+    if "input_ids" in kwargs:
+        kwargs["input_ids"] = None
+    kwargs[names.embeds] = with_prompt(prompt, embeds)
+    if mask in kwargs:
+        kwargs[mask] = extend_mask(kwargs[mask], count, count + length)
+    for name in (positions, names.cache_positions):  # the prompt takes 0..count-1
+        given = kwargs.get(name)
+        if given is not None:
+            front = torch.arange(count, dtype=given.dtype, device=given.device)
+            front = front.expand(*given.shape[:-1], count)
+            kwargs[name] = torch.cat((front, given + count), dim=-1)
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], count, 0)
+    labels = kwargs.get("labels")
+    if (
+        isinstance(labels, torch.Tensor)
+        and labels.dim() == 2
+        and not labels.is_floating_point()
+        and labels.shape[1] == length
+    ):
+        kwargs["labels"] = prepend(labels, count, IGNORE_INDEX)
+    return (), kwargs
+
+
+def prompt_encoder(names: CallNames, encoder: nn.Module, args: tuple, kwargs: dict, tensors):
+    """The encoder of an encoder-decoder model: the prompt in front of its input."""
+    (prompt,) = tensors
+    kwargs = bind(names.positional, args, kwargs)
+    embeds = embedded(encoder, kwargs, names.embeds)
+    if embeds is None:
+        return (), kwargs
+    count, length = prompt.shape[0], embeds.shape[1]
+    if "input_ids" in kwargs:
+        kwargs["input_ids"] = None
+    kwargs[names.embeds] = with_prompt(prompt, embeds)
+    if names.mask in kwargs:
+        kwargs[names.mask] = extend_mask(kwargs[names.mask], count, count + length)
+    return (), kwargs
+
+
+def extend_cross_mask(
+    count: int, names: CallNames, model: nn.Module, args: tuple, kwargs: dict, tensors
+):
+    """The encoder-decoder model's call: its encoder mask must cover the prompt too.
+
+    The decoder attends to the encoder's output, prompt included, through this mask.
+    """
+    kwargs = bind(names.positional, args, kwargs)
+    encoded = first_tensor(kwargs.get("encoder_outputs"))
+    if encoded is not None:  # generate() ran the encoder (and its prompt) already
+        total = encoded.shape[1]
+    else:
+        source = sequence(kwargs, names.embeds)
+        if source is None:
+            return (), kwargs
+        total = count + source.shape[1]
+    if names.mask in kwargs:
+        kwargs[names.mask] = extend_mask(kwargs[names.mask], count, total)
+    return (), kwargs
+
+
+@torch.no_grad()
+def initialise(prompt: torch.Tensor, weight: torch.Tensor, init: str, init_text) -> None:
+    vocab = weight.shape[0]
+    if init == "random":
+        std = float(weight.float().std()) if weight.numel() > 1 else 1.0
+        nn.init.normal_(prompt, std=std if math.isfinite(std) and std > 0 else 1.0)
+        return
+    if init == "vocab":
+        ids = torch.randint(0, vocab, (prompt.shape[0],))
+    else:
+        too_big = [i for i in init_text if i >= vocab]
+        if too_big:
+            raise SpecError(
+                f"init_text holds token ids {too_big[:5]} outside the vocabulary of {vocab}; "
+                "tokenize init_text with this model's tokenizer"
+            )
+        repeats = -(-prompt.shape[0] // len(init_text))
+        ids = torch.tensor((list(init_text) * repeats)[: prompt.shape[0]])
+    prompt.copy_(weight[ids.to(weight.device)])
+
+
+# ------------------------------------------------------------------ attach-time checks
+def check_init_text(owner: object, init: str, init_text: object) -> None:
+    if init != "text":
+        if init_text is not None:
+            raise SpecError(
+                f"{name_of(owner)} init_text is used only with init='text' (init={init!r}); "
+                "pass init='text' or drop init_text"
+            )
+        return
+    if isinstance(init_text, str):
+        raise SpecError(
+            f"{name_of(owner)} init_text must be token ids, not text (deltahooks has no tokenizer): "
+            "pass init_text=tokenizer(text)['input_ids']"
+        )
+    if (
+        not isinstance(init_text, (list, tuple))
+        or not init_text
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in init_text)
+    ):
+        raise SpecError(
+            f"{name_of(owner)} init='text' needs init_text, a non-empty list of token ids "
+            f"(non-negative integers), e.g. init_text=[464, 3290]; got {init_text!r}"
+        )
+
+
+def check_embeddings(owner: object, path: str, module: nn.Module) -> None:
+    """The target must say where its token embeddings are."""
+    getter = getattr(module, "get_input_embeddings", None)
+    embedding = None
+    if callable(getter):
+        try:
+            embedding = getter()
+        except (NotImplementedError, AttributeError):
+            embedding = None
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise UnsupportedModuleError(
+            f"{name_of(owner)} needs the module it prompts to have get_input_embeddings() returning an "
+            f"embedding layer, and {path or '<root>'!r} ({type(module).__name__}) has none; "
+            "target the transformers model (the root, the default) or a module that has one"
+        )
+
+
+def takes_inputs_embeds(owner: object, where: str, module: nn.Module) -> None:
+    if call_names(module).embeds not in inspect.signature(module.forward).parameters:
+        raise UnsupportedModuleError(
+            f"{name_of(owner)} feeds embeddings to {where} ({type(module).__name__}), but its forward "
+            f"takes no embeddings argument (looked for {' or '.join(EMBEDS_NAMES)}); this model "
+            "cannot be prompted through embeddings"
+        )
+
+
+def encoder_of(owner: object, path: str, module: nn.Module) -> nn.Module:
+    getter = getattr(module, "get_encoder", None)
+    encoder = getter() if callable(getter) else None
+    if not isinstance(encoder, nn.Module) or encoder is module:
+        raise UnsupportedModuleError(
+            f"{name_of(owner)}: {path or '<root>'!r} ({type(module).__name__}) is an encoder-decoder "
+            "model without get_encoder(), so the prompt has no encoder input to go in front of"
+        )
+    path_of(module, encoder)
+    return encoder
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class PromptTuning(DeltaSpec):
@@ -160,182 +339,3 @@ class PromptTuning(DeltaSpec):
             sites,
             cannot_merge="a prompt is part of the input, not a change of weights",
         )
-
-
-# ------------------------------------------------------------------ attach-time checks
-def check_init_text(owner: object, init: str, init_text: object) -> None:
-    if init != "text":
-        if init_text is not None:
-            raise SpecError(
-                f"{name_of(owner)} init_text is used only with init='text' (init={init!r}); "
-                "pass init='text' or drop init_text"
-            )
-        return
-    if isinstance(init_text, str):
-        raise SpecError(
-            f"{name_of(owner)} init_text must be token ids, not text (deltahooks has no tokenizer): "
-            "pass init_text=tokenizer(text)['input_ids']"
-        )
-    if (
-        not isinstance(init_text, (list, tuple))
-        or not init_text
-        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in init_text)
-    ):
-        raise SpecError(
-            f"{name_of(owner)} init='text' needs init_text, a non-empty list of token ids "
-            f"(non-negative integers), e.g. init_text=[464, 3290]; got {init_text!r}"
-        )
-
-
-def check_embeddings(owner: object, path: str, module: nn.Module) -> None:
-    """The target must say where its token embeddings are."""
-    getter = getattr(module, "get_input_embeddings", None)
-    embedding = None
-    if callable(getter):
-        try:
-            embedding = getter()
-        except (NotImplementedError, AttributeError):
-            embedding = None
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise UnsupportedModuleError(
-            f"{name_of(owner)} needs the module it prompts to have get_input_embeddings() returning an "
-            f"embedding layer, and {path or '<root>'!r} ({type(module).__name__}) has none; "
-            "target the transformers model (the root, the default) or a module that has one"
-        )
-
-
-def takes_inputs_embeds(owner: object, where: str, module: nn.Module) -> None:
-    if call_names(module).embeds not in inspect.signature(module.forward).parameters:
-        raise UnsupportedModuleError(
-            f"{name_of(owner)} feeds embeddings to {where} ({type(module).__name__}), but its forward "
-            f"takes no embeddings argument (looked for {' or '.join(EMBEDS_NAMES)}); this model "
-            "cannot be prompted through embeddings"
-        )
-
-
-def encoder_of(owner: object, path: str, module: nn.Module) -> nn.Module:
-    getter = getattr(module, "get_encoder", None)
-    encoder = getter() if callable(getter) else None
-    if not isinstance(encoder, nn.Module) or encoder is module:
-        raise UnsupportedModuleError(
-            f"{name_of(owner)}: {path or '<root>'!r} ({type(module).__name__}) is an encoder-decoder "
-            "model without get_encoder(), so the prompt has no encoder input to go in front of"
-        )
-    path_of(module, encoder)
-    return encoder
-
-
-@torch.no_grad()
-def initialise(prompt: torch.Tensor, weight: torch.Tensor, init: str, init_text) -> None:
-    vocab = weight.shape[0]
-    if init == "random":
-        std = float(weight.float().std()) if weight.numel() > 1 else 1.0
-        nn.init.normal_(prompt, std=std if math.isfinite(std) and std > 0 else 1.0)
-        return
-    if init == "vocab":
-        ids = torch.randint(0, vocab, (prompt.shape[0],))
-    else:
-        too_big = [i for i in init_text if i >= vocab]
-        if too_big:
-            raise SpecError(
-                f"init_text holds token ids {too_big[:5]} outside the vocabulary of {vocab}; "
-                "tokenize init_text with this model's tokenizer"
-            )
-        repeats = -(-prompt.shape[0] // len(init_text))
-        ids = torch.tensor((list(init_text) * repeats)[: prompt.shape[0]])
-    prompt.copy_(weight[ids.to(weight.device)])
-
-
-# ----------------------------------------------------------------------- the call rewrites
-def embedded(module: nn.Module, kwargs: dict, name: str) -> torch.Tensor | None:
-    embeds = kwargs.get(name)
-    if embeds is None and kwargs.get("input_ids") is not None:
-        embeds = module.get_input_embeddings()(kwargs["input_ids"])
-    return embeds
-
-
-def with_prompt(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    front = prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-    return torch.cat((front, embeds), dim=1)
-
-
-def prompt_call(names: CallNames, module: nn.Module, args: tuple, kwargs: dict, tensors):
-    """Decoder-only and encoder-only models: the whole call, prompt and all."""
-    (prompt,) = tensors
-    count = prompt.shape[0]
-    kwargs = bind(names.positional, args, kwargs)
-    filled, past = cached(names.get_cache(kwargs))
-    step = sequence(kwargs, names.embeds)
-    if step is None:  # nothing to prompt (the model will say what it misses)
-        return (), kwargs
-    mask, positions = names.mask, names.positions
-    if filled:  # continuing a sequence whose prompt is cached: shift past it
-        # a cache of states only (Mamba) has no positions to shift past: its masks cover
-        # the new tokens alone, and the model counts no positions
-        if past is not None and mask in kwargs:
-            kwargs[mask] = extend_mask(kwargs[mask], count, past + step.shape[1])
-        if past is not None and kwargs.get(positions) is not None:
-            kwargs[positions] = kwargs[positions] + count
-        return (), kwargs
-    embeds = embedded(module, kwargs, names.embeds)
-    length = embeds.shape[1]
-    if "input_ids" in kwargs:
-        kwargs["input_ids"] = None
-    kwargs[names.embeds] = with_prompt(prompt, embeds)
-    if mask in kwargs:
-        kwargs[mask] = extend_mask(kwargs[mask], count, count + length)
-    for name in (positions, names.cache_positions):  # the prompt takes 0..count-1
-        given = kwargs.get(name)
-        if given is not None:
-            front = torch.arange(count, dtype=given.dtype, device=given.device)
-            front = front.expand(*given.shape[:-1], count)
-            kwargs[name] = torch.cat((front, given + count), dim=-1)
-    if kwargs.get("token_type_ids") is not None:
-        kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], count, 0)
-    labels = kwargs.get("labels")
-    if (
-        isinstance(labels, torch.Tensor)
-        and labels.dim() == 2
-        and not labels.is_floating_point()
-        and labels.shape[1] == length
-    ):
-        kwargs["labels"] = prepend(labels, count, IGNORE_INDEX)
-    return (), kwargs
-
-
-def prompt_encoder(names: CallNames, encoder: nn.Module, args: tuple, kwargs: dict, tensors):
-    """The encoder of an encoder-decoder model: the prompt in front of its input."""
-    (prompt,) = tensors
-    kwargs = bind(names.positional, args, kwargs)
-    embeds = embedded(encoder, kwargs, names.embeds)
-    if embeds is None:
-        return (), kwargs
-    count, length = prompt.shape[0], embeds.shape[1]
-    if "input_ids" in kwargs:
-        kwargs["input_ids"] = None
-    kwargs[names.embeds] = with_prompt(prompt, embeds)
-    if names.mask in kwargs:
-        kwargs[names.mask] = extend_mask(kwargs[names.mask], count, count + length)
-    return (), kwargs
-
-
-def extend_cross_mask(
-    count: int, names: CallNames, model: nn.Module, args: tuple, kwargs: dict, tensors
-):
-    """The encoder-decoder model's call: its encoder mask must cover the prompt too.
-
-    The decoder attends to the encoder's output, prompt included, through this mask.
-    """
-    kwargs = bind(names.positional, args, kwargs)
-    encoded = first_tensor(kwargs.get("encoder_outputs"))
-    if encoded is not None:  # generate() ran the encoder (and its prompt) already
-        total = encoded.shape[1]
-    else:
-        source = sequence(kwargs, names.embeds)
-        if source is None:
-            return (), kwargs
-        total = count + source.shape[1]
-    if names.mask in kwargs:
-        kwargs[names.mask] = extend_mask(kwargs[names.mask], count, total)
-    return (), kwargs
