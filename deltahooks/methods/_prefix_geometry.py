@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import UnsupportedModuleError
 from ._calls import CACHE_NAMES, CallNames, call_names, is_encoder_decoder, takes_cache
@@ -211,8 +212,6 @@ def quietly(run):
 @quietly
 def fake_run(callee: nn.Module, names: CallNames, recorder: type) -> None:
     """The twin on fake CPU tensors: shapes without memory, and a real device type."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     with FakeTensorMode(allow_non_fake_inputs=True):
         twin_call(callee, names, recorder, "cpu")
 
