@@ -114,18 +114,37 @@ class DeltaSpec:
         The class's :attr:`reads_weights` by default: a method that only reads the layer's
         input and output (LoRA, IA3, VeRA, adapters) sets it False and so works on
         quantized bases.
+
+        Example:
+            >>> import torch, deltahooks as dh
+            >>> layer = torch.nn.Linear(2, 2)
+            >>> dh.IA3(targets=["0"]).reads_weight("0", layer), dh.OFT(targets=["0"]).reads_weight("0", layer)
+            (False, True)
         """
         return self.reads_weights
 
     def takes_kind(self, module: nn.Module) -> bool:
-        """Whether ``module`` is of a layer kind the method adapts (:attr:`layer_kinds`)."""
+        """Whether ``module`` is of a layer kind the method adapts (:attr:`layer_kinds`).
+
+        Example:
+            >>> import torch, deltahooks as dh
+            >>> vera = dh.VeRA(targets=["0"])
+            >>> vera.takes_kind(torch.nn.Linear(2, 2)), vera.takes_kind(torch.nn.Embedding(2, 2))
+            (True, False)
+        """
         return kind_of(module) in self.layer_kinds
 
     @staticmethod
     def real_build(device: DeviceLike) -> bool:
         """Whether :meth:`make_part` builds real tensors (``device=None``: allocated next to
         the module's own and initialised) rather than a plan (``device="meta"``: shapes
-        only, nothing allocated, initialised or drawn from the random generator)."""
+        only, nothing allocated, initialised or drawn from the random generator).
+
+        Example:
+            >>> import deltahooks as dh
+            >>> dh.DeltaSpec.real_build(None), dh.DeltaSpec.real_build("meta")
+            (True, False)
+        """
         return device is None
 
     def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
