@@ -46,8 +46,8 @@ from .methods import (
     ReFT,
     VeRA,
     adalora_allocator,
-    loraplus_param_groups,
 )
+from .optimizers import loraplus_param_groups
 from .routing import route
 from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, WeightSite
 from .spec import DeltaSpec, Part, register_method, tensor_options

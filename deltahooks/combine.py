@@ -26,7 +26,8 @@ from . import validate
 from .attach import attach_with_state, deltas
 from .delta import Delta
 from .errors import DeltaStateError, DeltaWarning, SpecError, UnsupportedOperationError
-from .methods.lora import RESIDUAL_INITS, LoRA
+from .methods.lora import LoRA
+from .methods.lora_inits import RESIDUAL_INITS
 from .targets import Paths
 
 METHODS = ("cat", "svd")

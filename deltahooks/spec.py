@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError, UnsupportedModuleError
-from .layers import compute_dtype, quantized_weight
+from .layers import compute_dtype, kind_of, quantized_weight
 from .ledger import join
 from .sites import Site
 from .targets import Target, describe
@@ -71,6 +71,14 @@ class DeltaSpec:
     parameter_targets: ClassVar[bool] = False
     """True: a target string that matches no module may name a parameter; :meth:`make_part`
     then gets a :class:`~deltahooks.targets.ParameterPath` and the module that owns it."""
+    layer_kinds: ClassVar[tuple[str, ...]] = ()
+    """The layer kinds (:func:`~deltahooks.layers.kind_of`: ``"linear"``, ``"conv"``, ...)
+    the method adapts, read by :meth:`takes_kind`; empty where :meth:`check_module` alone
+    decides."""
+    reads_weights: ClassVar[bool] = True
+    """False: the method reads only a layer's input and output, never its weight, so it
+    works on quantized layers; :meth:`reads_weight` answers this for every target unless a
+    method decides per target (LoRA: DoRA and PiSSA read the weight)."""
     targets: Target
     exclude: Target | None = None
     # the delta's own dtype, e.g. "float32" on a bfloat16 model (master weights in full
@@ -81,7 +89,7 @@ class DeltaSpec:
         if self.targets is None or (isinstance(self.targets, (list, tuple)) and not self.targets):
             raise SpecError(f"{type(self).__name__}: targets is empty; name at least one module")
         if self.dtype is not None:
-            one_of(type(self).__name__, "dtype", self.dtype, DTYPES)
+            one_of(self, "dtype", self.dtype, DTYPES)
         self.validate()
 
     def validate(self) -> None:
@@ -94,10 +102,41 @@ class DeltaSpec:
         """Whether the method reads or rewrites ``module``'s weight (a weight site, a copy of
         it, a norm or decomposition of it). Attach refuses such a method on a quantized
         layer (:func:`~deltahooks.layers.is_quantized`), whose weight is packed integers.
-        True unless a method says otherwise: one that only reads the layer's input and
-        output (LoRA, IA3, VeRA, adapters) returns False and so works on quantized bases.
+        The class's :attr:`reads_weights` by default: a method that only reads the layer's
+        input and output (LoRA, IA3, VeRA, adapters) sets it False and so works on
+        quantized bases.
+
+        Example:
+            >>> import torch, deltahooks as dh
+            >>> layer = torch.nn.Linear(2, 2)
+            >>> dh.IA3(targets=["0"]).reads_weight("0", layer), dh.OFT(targets=["0"]).reads_weight("0", layer)
+            (False, True)
         """
-        return True
+        return self.reads_weights
+
+    def takes_kind(self, module: nn.Module) -> bool:
+        """Whether ``module`` is of a layer kind the method adapts (:attr:`layer_kinds`).
+
+        Example:
+            >>> import torch, deltahooks as dh
+            >>> vera = dh.VeRA(targets=["0"])
+            >>> vera.takes_kind(torch.nn.Linear(2, 2)), vera.takes_kind(torch.nn.Embedding(2, 2))
+            (True, False)
+        """
+        return kind_of(module) in self.layer_kinds
+
+    @staticmethod
+    def real_build(device: DeviceLike) -> bool:
+        """Whether :meth:`make_part` builds real tensors (``device=None``: allocated next to
+        the module's own and initialised) rather than a plan (``device="meta"``: shapes
+        only, nothing allocated, initialised or drawn from the random generator).
+
+        Example:
+            >>> import deltahooks as dh
+            >>> dh.DeltaSpec.real_build(None), dh.DeltaSpec.real_build("meta")
+            (True, False)
+        """
+        return device is None
 
     def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
         """Raise a :class:`DeltaError` when the resolved targets together do not fit (e.g. a

@@ -1,6 +1,7 @@
 """One file per method: a spec dataclass, the math, and where it hooks."""
 
-from .adalora import AdaLoRA, adalora_allocator
+from .adalora import AdaLoRA
+from .adalora_budget import adalora_allocator
 from .adapter import Adapter
 from .bitfit import BitFit
 from .boft import BOFT
@@ -10,7 +11,7 @@ from .ia3 import IA3
 from .ln_tuning import LNTuning
 from .loha import LoHa
 from .lokr import LoKr
-from .lora import LoRA, loraplus_param_groups
+from .lora import LoRA
 from .low_rank_adapter import LowRankAdapter
 from .oft import OFT
 from .parallel_adapter import ParallelAdapter
@@ -39,5 +40,4 @@ __all__ = [
     "ReFT",
     "VeRA",
     "adalora_allocator",
-    "loraplus_param_groups",
 ]

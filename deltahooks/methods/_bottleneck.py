@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import SpecError, UnsupportedModuleError
 from ..layers import CONV, EMBEDDING, kind_of, output_width
+from ..validate import name_of
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
@@ -99,31 +100,31 @@ def plain_pair(
     }
 
 
-def check_hidden_size(owner: str, hidden_size: int | None, path: str, module: nn.Module) -> None:
+def check_hidden_size(owner: object, hidden_size: int | None, path: str, module: nn.Module) -> None:
     """A ``hidden_size`` that contradicts the module's own output width is a mistake."""
     known = output_width(module)
     if hidden_size is not None and known is not None and hidden_size != known:
         raise SpecError(
-            f"{owner} hidden_size={hidden_size} does not fit {path!r} "
+            f"{name_of(owner)} hidden_size={hidden_size} does not fit {path!r} "
             f"({type(module).__name__}), whose output is {known} wide; drop hidden_size=... "
             "(it is read from the module)"
         )
 
 
-def check_bottleneck(owner: str, size: int, width: int, path: str, what: str = "hidden size"):
+def check_bottleneck(owner: object, size: int, width: int, path: str, what: str = "hidden size"):
     if size > width:
         raise SpecError(
-            f"{owner} bottleneck={size} is larger than the {what} {width} of {path!r}: a "
+            f"{name_of(owner)} bottleneck={size} is larger than the {what} {width} of {path!r}: a "
             f"bottleneck must be narrower than its input; use bottleneck <= {width}"
         )
 
 
-def refuse_kinds(owner: str, path: str, module: nn.Module, kinds=(CONV,)) -> None:
+def refuse_kinds(owner: object, path: str, module: nn.Module, kinds=(CONV,)) -> None:
     """Bottleneck adapters act on the last dimension: not a convolution's channels."""
     if kind_of(module) in kinds:
         what = "token ids" if kind_of(module) == EMBEDDING else "channels first"
         raise UnsupportedModuleError(
-            f"{owner} acts on the last dimension of (..., width) tensors, but {path!r} "
+            f"{name_of(owner)} acts on the last dimension of (..., width) tensors, but {path!r} "
             f"({type(module).__name__}) works on {what}; target another module"
         )
 

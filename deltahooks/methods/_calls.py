@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import DeltaStateError, SpecError, UnsupportedModuleError
 from ..sites import first_tensor
 from ..targets import Paths
+from ..validate import name_of
 
 ROOT = Paths([""])  # the default target of these methods: the model itself
 
@@ -31,10 +32,10 @@ def path_of(root: nn.Module, module: nn.Module) -> str:
     )
 
 
-def one_target(owner: str, targets: list[tuple[str, nn.Module]]) -> None:
+def one_target(owner: object, targets: list[tuple[str, nn.Module]]) -> None:
     if len(targets) != 1:
         raise SpecError(
-            f"{owner} goes on one module, the one called with input_ids, but targets match "
+            f"{name_of(owner)} goes on one module, the one called with input_ids, but targets match "
             f"{len(targets)}: {[p or '<root>' for p, _ in targets][:5]}; leave targets at its "
             "default (the model root) or name one module"
         )

@@ -5,10 +5,7 @@ The update is an output site (as LoRA's: at rank ``init_r`` the bypass costs far
 than rebuilding ``W``, measured below); ``P`` = ``lora_B`` (fan-out × r), ``Λ`` = ``lora_E`` (r × 1),
 ``Q`` = ``lora_A`` (r × fan-in), PEFT's names and layouts, and ``s = alpha / init_r``
 as PEFT computes it. The rank schedule is training-loop state, so it lives outside the
-delta, in a :class:`RankAllocator` from :func:`adalora_allocator`: it scores every
-singular triplet by its smoothed sensitivity and zeroes the ``Λ`` entries of the least
-important ones down to PEFT's cubic budget. Tensors keep their ``init_r`` shape (a pruned
-triplet is a zero in ``Λ``), so files and merges need nothing else.
+delta, in :mod:`deltahooks.methods.adalora_budget`.
 """
 
 from __future__ import annotations
@@ -23,22 +20,57 @@ from torch import nn
 
 from .. import validate
 from ..direct_reads import WHY, needs_weight_site
-from ..errors import (
-    DeltaStateError,
-    SpecError,
-    UnsupportedModuleError,
-    UnsupportedOperationError,
-    warn,
-)
+from ..errors import SpecError, UnsupportedModuleError, warn
 from ..layers import CONV, CONV1D_GPT2, LINEAR, kind_of, to_weight_layout, widths
 from ..merging import stored
 from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ._lora_autograd import low_rank_update, pays_off
 
-KINDS = (LINEAR, CONV1D_GPT2, CONV)
 INITS = ("default", "random")
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
+
+
+def update(kind: str, scale: float, dropout: float, module: nn.Module, x, y, tensors, writable):
+    """``y + s · B((A ⊙ E) dropout(x))``; accumulated into ``y`` when ``writable``."""
+    a, e, b = tensors
+    dropping = bool(dropout) and module.training
+    recording = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
+    own_path = dropping or (recording and pays_off(x))
+    if own_path and kind != CONV and not torch.compiler.is_compiling():
+        # LoRA's autograd path with A ⊙ E as its A: a dropout mask instead of a dropped
+        # copy of x, and the faster backward layouts (see methods/_lora_autograd.py)
+        return low_rank_update(x, y, a * e, b, scale, dropout if dropping else 0.0)
+    if dropping:
+        x = F.dropout(x, dropout, True)
+    if kind == CONV:  # PEFT's form: the full-size update as a kernel
+        kernel = (b @ (a * e)).reshape(module.weight.shape) * scale
+        return y + module._conv_forward(x.to(a.dtype), kernel, None).to(y.dtype)
+    h = F.linear(x.to(a.dtype), a * e)
+    h = h.reshape(-1, h.shape[-1])
+    if writable and y.dtype == h.dtype:
+        y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
+        return y
+    flat = torch.addmm(y.reshape(-1, y.shape[-1]).to(h.dtype), h, b.t(), alpha=scale)
+    return flat.view(y.shape).to(y.dtype)
+
+
+def updated_weight(kind: str, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``W + s · P diag(Λ) Q`` in the weight's layout: the weight site of a layer the model
+    reads without calling it."""
+    a, e, b = tensors
+    if kind == CONV1D_GPT2:  # stored in × out
+        return torch.addmm(weight, (a * e).t(), b.t(), alpha=scale)
+    flat = torch.addmm(weight.flatten(1), b, a * e, alpha=scale)
+    return flat.view_as(weight)
+
+
+def merged_weight(scale: float, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    weight = stored(module, "weight")
+    exact = torch.promote_types(weight.dtype, torch.float32)
+    a, e, b = (tensors[k].to(exact) for k in ("lora_A", "lora_E", "lora_B"))
+    update = to_weight_layout(module, b @ (a * e)) * scale
+    return {"weight": (weight.to(exact) + update).to(weight.dtype)}
 
 
 @register_method
@@ -123,6 +155,8 @@ class AdaLoRA(DeltaSpec):
     """
 
     method = "adalora"
+    layer_kinds = (LINEAR, CONV1D_GPT2, CONV)
+    reads_weights = False
     total_step: int
     init_r: int = 12
     target_r: int = 8
@@ -137,10 +171,10 @@ class AdaLoRA(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.positive_int("AdaLoRA", "total_step", self.total_step, 1000)
-        validate.positive_int("AdaLoRA", "init_r", self.init_r, 12)
-        validate.positive_int("AdaLoRA", "target_r", self.target_r, 8)
-        validate.positive_int("AdaLoRA", "deltaT", self.deltaT, 1)
+        validate.positive_int(self, "total_step", self.total_step, 1000)
+        validate.positive_int(self, "init_r", self.init_r, 12)
+        validate.positive_int(self, "target_r", self.target_r, 8)
+        validate.positive_int(self, "deltaT", self.deltaT, 1)
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
@@ -160,19 +194,15 @@ class AdaLoRA(DeltaSpec):
             value = getattr(self, name)
             if not (validate.is_number(value) and 0 < value < 1):
                 raise SpecError(f"AdaLoRA {name}={value!r} must be a number in (0, 1)")
-        validate.finite("AdaLoRA", "orth_reg_weight", self.orth_reg_weight, minimum=0)
-        validate.finite("AdaLoRA", "alpha", self.alpha, minimum=0)
-        validate.probability("AdaLoRA", "dropout", self.dropout)
-        validate.one_of("AdaLoRA", "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
+        validate.finite(self, "orth_reg_weight", self.orth_reg_weight, minimum=0)
+        validate.finite(self, "alpha", self.alpha, minimum=0)
+        validate.probability(self, "dropout", self.dropout)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         kind = kind_of(module)
         conv2d = isinstance(module, nn.Conv2d) and module.groups == 1
-        if kind not in KINDS or (kind == CONV and not conv2d):
+        if kind not in self.layer_kinds or (kind == CONV and not conv2d):
             raise UnsupportedModuleError(
                 f"AdaLoRA cannot adapt {path or '<root>'!r} ({type(module).__name__}); it "
                 "supports nn.Linear, transformers Conv1D and nn.Conv2d with groups=1 (as PEFT). "
@@ -188,7 +218,7 @@ class AdaLoRA(DeltaSpec):
         a = torch.zeros(r, fan_in, **opts)
         e = torch.zeros(r, 1, **opts)
         b = torch.zeros(fan_out, r, **opts)
-        if device is None:  # a real build; a plan needs shapes only
+        if self.real_build(device):
             with torch.no_grad():
                 std = 1.0 if self.init == "random" else 0.02
                 a.normal_(0.0, std)
@@ -223,203 +253,3 @@ class AdaLoRA(DeltaSpec):
             merge=partial(merged_weight, scale),
             note=WHY if direct else "",
         )
-
-
-def update(kind: str, scale: float, dropout: float, module: nn.Module, x, y, tensors, writable):
-    """``y + s · B((A ⊙ E) dropout(x))``; accumulated into ``y`` when ``writable``."""
-    a, e, b = tensors
-    dropping = bool(dropout) and module.training
-    recording = torch.is_grad_enabled() and (a.requires_grad or x.requires_grad)
-    own_path = dropping or (recording and pays_off(x))
-    if own_path and kind != CONV and not torch.compiler.is_compiling():
-        # LoRA's autograd path with A ⊙ E as its A: a dropout mask instead of a dropped
-        # copy of x, and the faster backward layouts (see methods/_lora_autograd.py)
-        return low_rank_update(x, y, a * e, b, scale, dropout if dropping else 0.0)
-    if dropping:
-        x = F.dropout(x, dropout, True)
-    if kind == CONV:  # PEFT's form: the full-size update as a kernel
-        kernel = (b @ (a * e)).reshape(module.weight.shape) * scale
-        return y + module._conv_forward(x.to(a.dtype), kernel, None).to(y.dtype)
-    h = F.linear(x.to(a.dtype), a * e)
-    h = h.reshape(-1, h.shape[-1])
-    if writable and y.dtype == h.dtype:
-        y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
-        return y
-    flat = torch.addmm(y.reshape(-1, y.shape[-1]).to(h.dtype), h, b.t(), alpha=scale)
-    return flat.view(y.shape).to(y.dtype)
-
-
-def updated_weight(kind: str, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
-    """``W + s · P diag(Λ) Q`` in the weight's layout: the weight site of a layer the model
-    reads without calling it."""
-    a, e, b = tensors
-    if kind == CONV1D_GPT2:  # stored in × out
-        return torch.addmm(weight, (a * e).t(), b.t(), alpha=scale)
-    flat = torch.addmm(weight.flatten(1), b, a * e, alpha=scale)
-    return flat.view_as(weight)
-
-
-def merged_weight(scale: float, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
-    weight = stored(module, "weight")
-    exact = torch.promote_types(weight.dtype, torch.float32)
-    a, e, b = (tensors[k].to(exact) for k in ("lora_A", "lora_E", "lora_B"))
-    update = to_weight_layout(module, b @ (a * e)) * scale
-    return {"weight": (weight.to(exact) + update).to(weight.dtype)}
-
-
-# ------------------------------------------------------------------ rank allocation
-def adalora_allocator(delta) -> RankAllocator:
-    """The rank allocator (and orthogonality regulariser) of ``delta``'s AdaLoRA part.
-
-    Example:
-        >>> import torch, deltahooks as dh
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-        >>> delta = dh.attach(model, dh.AdaLoRA(targets=["0"], init_r=2, target_r=1, total_step=10))
-        >>> float(dh.adalora_allocator(delta).orthogonality_loss()) > 0
-        True
-    """
-    found = [i for i, spec in enumerate(delta.specs) if isinstance(spec, AdaLoRA)]
-    if len(found) != 1:
-        raise UnsupportedOperationError(
-            f"delta {delta.name!r} has {len(found)} AdaLoRA specs; the rank allocator needs "
-            "exactly one (PEFT likewise trains one AdaLoRA adapter at a time)"
-        )
-    return RankAllocator(delta, found[0])
-
-
-class RankAllocator:
-    """PEFT's AdaLoRA budget schedule and importance-based masking, on a delta's tensors.
-
-    Call :meth:`update_and_allocate` once per training step after the optimizer step and
-    before ``zero_grad`` (the gradients score the triplets), and add
-    :meth:`orthogonality_loss` to the loss. ``rank_pattern`` holds the last mask per target
-    (``{path: [kept, ...]}``), as PEFT's ``config.rank_pattern``.
-    """
-
-    def __init__(self, delta, spec_index: int) -> None:
-        self.delta = delta
-        self.spec: AdaLoRA = delta.specs[spec_index]
-        self.spec_index = spec_index
-        self.paths = [p.path for p in delta.parts if p.spec_index == spec_index]
-        self.init_budget = self.spec.init_r * len(self.paths)
-        self.target_budget = self.spec.target_r * len(self.paths)
-        self.rank_pattern: dict[str, list[bool]] = {}
-        self.reset_importance()
-
-    def reset_importance(self) -> None:
-        self.exp_avg_ipt: dict[str, torch.Tensor] = {}
-        self.exp_avg_unc: dict[str, torch.Tensor] = {}
-
-    def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{path: {"lora_A": ..., "lora_B": ..., "lora_E": ...}}``, looked up now."""
-        if not self.delta.attached:
-            raise DeltaStateError("the delta of this allocator is detached")
-        found = {}
-        for part in self.delta.parts:
-            if part.spec_index == self.spec_index:
-                found[part.path] = {k.rsplit(".", 1)[1]: t for k, t in part.tensors.items()}
-        return found
-
-    def budget(self, step: int) -> tuple[int, bool]:
-        """``(budget, mask now)`` at ``step``: PEFT's cubic schedule."""
-        spec = self.spec
-        if step <= spec.tinit:
-            return self.init_budget, False
-        if step > spec.total_step - spec.tfinal:
-            return self.target_budget, True
-        left = 1 - (step - spec.tinit) / (spec.total_step - spec.tfinal - spec.tinit)
-        budget = int((self.init_budget - self.target_budget) * left**3 + self.target_budget)
-        return budget, step % spec.deltaT == 0
-
-    @torch.no_grad()
-    def update_importance(self) -> None:
-        """Smoothed sensitivity ``|p · ∇p|`` and its uncertainty, per entry."""
-        beta1, beta2 = self.spec.beta1, self.spec.beta2
-        for path, tensors in self._tensors().items():
-            for name, p in tensors.items():
-                key = f"{path}.{name}"
-                if p.grad is None:
-                    raise DeltaStateError(
-                        f"{key} has no gradient: call update_and_allocate after backward and "
-                        "before zero_grad"
-                    )
-                ipt = (p * p.grad).abs()
-                if key not in self.exp_avg_ipt:
-                    self.exp_avg_ipt[key] = torch.zeros_like(p)
-                    self.exp_avg_unc[key] = torch.zeros_like(p)
-                avg = beta1 * self.exp_avg_ipt[key] + (1 - beta1) * ipt
-                self.exp_avg_ipt[key] = avg
-                self.exp_avg_unc[key] = (
-                    beta2 * self.exp_avg_unc[key] + (1 - beta2) * (ipt - avg).abs()
-                )
-
-    def triplet_scores(self) -> dict[str, torch.Tensor]:
-        """Per target, one score per singular triplet: ``s(Λ_i) + mean s(Q_i) + mean s(P_i)``."""
-        scores = {}
-        for path in self._tensors():
-            score = {
-                n: self.exp_avg_ipt[f"{path}.{n}"] * self.exp_avg_unc[f"{path}.{n}"]
-                for n in ("lora_A", "lora_B", "lora_E")
-            }
-            vectors = torch.cat(
-                [
-                    score["lora_A"].mean(dim=1, keepdim=True),
-                    score["lora_B"].mean(dim=0).view(-1, 1),
-                ],
-                dim=1,
-            )
-            scores[path] = score["lora_E"].view(-1) + vectors.sum(dim=1)
-        return scores
-
-    @torch.no_grad()
-    def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
-        """Zero the ``Λ`` entries of all but the ``budget`` most important triplets."""
-        scores = self.triplet_scores()
-        pruned = self.init_budget - budget
-        if pruned <= 0:
-            threshold = float("-inf")
-        else:
-            threshold = torch.kthvalue(torch.cat(list(scores.values())), k=pruned)[0].item()
-        pattern = {}
-        for path, tensors in self._tensors().items():
-            drop = (scores[path] <= threshold).view(-1, 1)
-            tensors["lora_E"].masked_fill_(drop, 0.0)
-            pattern[path] = (~drop).view(-1).tolist()
-        return pattern
-
-    @torch.no_grad()
-    def mask_using_rank_pattern(self) -> None:
-        for path, tensors in self._tensors().items():
-            keep = torch.tensor(self.rank_pattern[path], device=tensors["lora_E"].device)
-            tensors["lora_E"].masked_fill_(~keep.view(-1, 1), 0.0)
-
-    def update_and_allocate(self, step: int) -> int:
-        """One step of PEFT's ``update_and_allocate``; returns the budget at ``step``."""
-        if self.delta.merged:
-            raise DeltaStateError(
-                "the AdaLoRA delta is merged: its rank cannot change; call delta.unmerge() first"
-            )
-        final = self.spec.total_step - self.spec.tfinal
-        budget, mask_now = self.budget(step)
-        if step < final:
-            self.update_importance()
-            if mask_now:
-                self.rank_pattern = self.mask_to_budget(budget)
-        elif step == final:
-            self.rank_pattern = self.mask_to_budget(budget)
-            self.reset_importance()
-        elif self.rank_pattern:
-            self.mask_using_rank_pattern()
-        return budget
-
-    def orthogonality_loss(self) -> torch.Tensor:
-        """``orth_reg_weight`` × the mean over ``P`` and ``Q`` of ``‖QQᵀ − I‖_F`` /
-        ``‖PᵀP − I‖_F``: add it to the training loss (PEFT adds it in its forward)."""
-        terms = []
-        for tensors in self._tensors().values():
-            for name in ("lora_A", "lora_B"):
-                p = tensors[name]
-                cov = p @ p.T if name == "lora_A" else p.T @ p
-                eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-                terms.append(torch.linalg.matrix_norm(cov - eye))
-        return self.spec.orth_reg_weight * torch.stack(terms).mean()

@@ -22,6 +22,11 @@ from ._bottleneck import ACTIVATIONS, bottleneck, check_bottleneck, check_hidden
 INITS = ("default", "random")
 
 
+def residual(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
+    """``y + s · up(act(down(y)))``."""
+    return bottleneck(module, activation, scale, y, y, *tensors)
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class Adapter(DeltaSpec):
@@ -84,6 +89,7 @@ class Adapter(DeltaSpec):
     """
 
     method = "adapter"
+    reads_weights = False
     bottleneck: int = 64
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
     scale: float = 1.0
@@ -91,24 +97,20 @@ class Adapter(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.positive_int("Adapter", "bottleneck", self.bottleneck, example=64)
-        validate.one_of("Adapter", "activation", self.activation, sorted(ACTIVATIONS))
-        validate.finite("Adapter", "scale", self.scale)
-        validate.optional_positive_int("Adapter", "hidden_size", self.hidden_size, example=768)
-        validate.one_of("Adapter", "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
+        validate.positive_int(self, "bottleneck", self.bottleneck, example=64)
+        validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
+        validate.finite(self, "scale", self.scale)
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, example=768)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        check_hidden_size("Adapter", self.hidden_size, path, module)
+        check_hidden_size(self, self.hidden_size, path, module)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
         width = hidden_width(path, module, root, self.hidden_size)
-        check_bottleneck("Adapter", self.bottleneck, width, path)
+        check_bottleneck(self, self.bottleneck, width, path)
         tensors = plain_pair(
             "adapter",
             width,
@@ -125,8 +127,3 @@ class Adapter(DeltaSpec):
             [site],
             cannot_merge="an Adapter is non-linear in the module's output",
         )
-
-
-def residual(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
-    """``y + s · up(act(down(y)))``."""
-    return bottleneck(module, activation, scale, y, y, *tensors)

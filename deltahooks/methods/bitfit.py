@@ -35,8 +35,6 @@ from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import ParameterPath, Target
 
-KINDS = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV, NORM)
-
 TORCH_NORMS = (
     nn.LayerNorm,
     nn.RMSNorm,
@@ -73,12 +71,12 @@ def own_biases(module: nn.Module) -> list[str]:
         >>> own_biases(torch.nn.MultiheadAttention(8, 2))
         ['in_proj_bias']
     """
-    if kind_of(module) in KINDS:
+    if kind_of(module) in BitFit.layer_kinds:
         return []
     inner = {
         id(layer.bias)
         for layer in module.modules()
-        if layer is not module and kind_of(layer) in KINDS and has_bias(layer)
+        if layer is not module and kind_of(layer) in BitFit.layer_kinds and has_bias(layer)
     }
     return [
         name
@@ -94,7 +92,7 @@ def own_biases(module: nn.Module) -> list[str]:
 def layers_with_a_bias(path: str, module: nn.Module) -> bool:
     """BitFit's default targets: every bias the model has (the paper's): the layers of a
     known kind that have one, and the modules that hold bias Parameters of their own."""
-    return (kind_of(module) in KINDS and has_bias(module)) or bool(own_biases(module))
+    return (kind_of(module) in BitFit.layer_kinds and has_bias(module)) or bool(own_biases(module))
 
 
 layers_with_a_bias.no_match_hint = (
@@ -102,6 +100,33 @@ layers_with_a_bias.no_match_hint = (
     "layers have no bias); name the layers that should get a new zero-initialised bias, "
     "e.g. BitFit(targets='all-linear')"
 )
+
+
+def add_to_tensor(tensor: torch.Tensor, tensors) -> torch.Tensor:
+    """``b + Δb``: the weight site of a bias read in place."""
+    (delta,) = tensors
+    return tensor + delta
+
+
+def add_bias(dim: int, module: nn.Module, x, y, tensors, writable):
+    """``y + Δb`` along the channel dimension ``dim``, into ``y`` when ``writable``."""
+    (bias,) = tensors
+    if y.dim() < (-dim if dim < 0 else dim + 1) or y.shape[dim] != bias.shape[0]:
+        raise UnsupportedModuleError(
+            f"BitFit adds one value per channel ({bias.shape[0]}) along dimension {dim} of "
+            f"{type(module).__name__}'s output, but that output has shape {tuple(y.shape)}: "
+            "the layer keeps its channels elsewhere; exclude it from targets"
+        )
+    bias = along_channels(bias, dim, y.dim())
+    if writable:
+        return y.add_(bias)
+    return y + bias.to(y.dtype)
+
+
+def merged_bias(module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    bias = stored(module, "bias")
+    exact = torch.promote_types(bias.dtype, torch.float32)
+    return {"bias": (bias.to(exact) + tensors["bitfit_bias"].to(exact)).to(bias.dtype)}
 
 
 @register_method
@@ -165,12 +190,10 @@ class BitFit(DeltaSpec):
     """
 
     method = "bitfit"
+    layer_kinds = (LINEAR, CONV1D_GPT2, EMBEDDING, CONV, NORM)
+    reads_weights = False
     parameter_targets = True
     targets: Target = layers_with_a_bias
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
 
     def check_module(self, path: str, module: nn.Module) -> None:
         if isinstance(path, ParameterPath):
@@ -182,7 +205,7 @@ class BitFit(DeltaSpec):
                     "'in_proj_bias') or the layer that owns it"
                 )
             return
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             if own_biases(module):
                 return
             raise UnsupportedModuleError(
@@ -203,7 +226,7 @@ class BitFit(DeltaSpec):
     ) -> Part:
         if isinstance(path, ParameterPath):  # one named tensor, e.g. "self_attn.in_proj_bias"
             return self._tensor_part(path.module_path, module, [path.name], device, path)
-        if kind_of(module) not in KINDS:  # its own bias Parameters
+        if not self.takes_kind(module):  # its own bias Parameters
             return self._tensor_part(path, module, own_biases(module), device)
         direct = needs_weight_site("BitFit", path, module, root)
         if direct and not has_bias(module):
@@ -260,30 +283,3 @@ class BitFit(DeltaSpec):
             target=target,
             note=note,
         )
-
-
-def add_to_tensor(tensor: torch.Tensor, tensors) -> torch.Tensor:
-    """``b + Δb``: the weight site of a bias read in place."""
-    (delta,) = tensors
-    return tensor + delta
-
-
-def add_bias(dim: int, module: nn.Module, x, y, tensors, writable):
-    """``y + Δb`` along the channel dimension ``dim``, into ``y`` when ``writable``."""
-    (bias,) = tensors
-    if y.dim() < (-dim if dim < 0 else dim + 1) or y.shape[dim] != bias.shape[0]:
-        raise UnsupportedModuleError(
-            f"BitFit adds one value per channel ({bias.shape[0]}) along dimension {dim} of "
-            f"{type(module).__name__}'s output, but that output has shape {tuple(y.shape)}: "
-            "the layer keeps its channels elsewhere; exclude it from targets"
-        )
-    bias = along_channels(bias, dim, y.dim())
-    if writable:
-        return y.add_(bias)
-    return y + bias.to(y.dtype)
-
-
-def merged_bias(module: nn.Module, tensors) -> dict[str, torch.Tensor]:
-    bias = stored(module, "bias")
-    exact = torch.promote_types(bias.dtype, torch.float32)
-    return {"bias": (bias.to(exact) + tensors["bitfit_bias"].to(exact)).to(bias.dtype)}

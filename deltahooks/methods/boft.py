@@ -25,8 +25,53 @@ from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ._orthogonal import PEFT_BOFT_BLOCK_SIZE, cayley, nearest_divisor, rotate
 from .oft import rotated_weight
 
-KINDS = (LINEAR, CONV1D_GPT2, CONV)
 INITS = ("default", "random")
+
+
+def rotations(blocks: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley blocks of ``(A - Aᵀ)/2`` in float32 or wider, ``blocks``' shape."""
+    exact = torch.promote_types(blocks.dtype, torch.float32)
+    blocks = blocks.to(exact)
+    return cayley(0.5 * (blocks - blocks.transpose(-2, -1)), None)
+
+
+def rotate_input(module: nn.Module, x, tensors):
+    """``x M`` on the input features."""
+    (blocks,) = tensors
+    return rotate(x, rotations(blocks).to(x.dtype))
+
+
+def scale_output(module: nn.Module, x, y, tensors, writable):
+    """``s ⊙ (y - b) + b``: the scale acts on ``W Mᵀ x``, not on the bias."""
+    (scale,) = tensors
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return y * scale.view(-1).to(y.dtype)
+    return (y - bias) * scale.view(-1).to(y.dtype) + bias
+
+
+def transform_weight(weight: torch.Tensor, tensors) -> torch.Tensor:
+    """A convolution's ``diag(s) W Mᵀ`` with each filter flattened."""
+    blocks, scale = tensors
+    rotated = rotate(weight.flatten(1), rotations(blocks).to(weight.dtype), transpose=True)
+    return (rotated * scale.to(weight.dtype)).view_as(weight)
+
+
+def boft_weight(kind: str, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``diag(s) W Mᵀ`` in the weight's own layout (the bias untouched)."""
+    blocks, scale = tensors
+    value = rotated_weight(kind, weight, rotations(blocks).to(weight.dtype))
+    scale = scale.to(weight.dtype).view(-1)
+    if kind == CONV1D_GPT2:  # (in, out)
+        return value * scale
+    return value * scale.view(-1, *[1] * (weight.dim() - 1))
+
+
+def merged(kind: str, module: nn.Module, tensors) -> dict:
+    weight = stored(module, "weight")
+    exact = torch.promote_types(weight.dtype, torch.float32)
+    value = boft_weight(kind, weight.to(exact), (tensors["boft_R"], tensors["boft_s"]))
+    return {"weight": value.to(weight.dtype)}
 
 
 @register_method
@@ -91,14 +136,15 @@ class BOFT(DeltaSpec):
     """
 
     method = "boft"
+    layer_kinds = (LINEAR, CONV1D_GPT2, CONV)
     block_size: int | None = None
     butterfly_factor: int = 1
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.optional_positive_int("BOFT", "block_size", self.block_size, example=4)
-        validate.positive_int("BOFT", "butterfly_factor", self.butterfly_factor, example=2)
-        validate.one_of("BOFT", "init", self.init, INITS)
+        validate.optional_positive_int(self, "block_size", self.block_size, example=4)
+        validate.positive_int(self, "butterfly_factor", self.butterfly_factor, example=2)
+        validate.one_of(self, "init", self.init, INITS)
         if self.butterfly_factor > 1 and self.block_size is not None and self.block_size % 2:
             raise SpecError(
                 f"BOFT block_size={self.block_size} must be even with butterfly_factor="
@@ -118,7 +164,7 @@ class BOFT(DeltaSpec):
         return nearest_divisor(width, PEFT_BOFT_BLOCK_SIZE, allowed=partial(self.allowed, width))
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             raise UnsupportedModuleError(
                 f"BOFT cannot transform {path or '<root>'!r} ({type(module).__name__}); it "
                 "supports nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d. Narrow targets "
@@ -168,49 +214,3 @@ class BOFT(DeltaSpec):
             exclusive_merge=True,
             note=WHY if direct else "",
         )
-
-
-def rotations(blocks: torch.Tensor) -> torch.Tensor:
-    """Exact Cayley blocks of ``(A - Aᵀ)/2`` in float32 or wider, ``blocks``' shape."""
-    exact = torch.promote_types(blocks.dtype, torch.float32)
-    blocks = blocks.to(exact)
-    return cayley(0.5 * (blocks - blocks.transpose(-2, -1)), None)
-
-
-def rotate_input(module: nn.Module, x, tensors):
-    """``x M`` on the input features."""
-    (blocks,) = tensors
-    return rotate(x, rotations(blocks).to(x.dtype))
-
-
-def scale_output(module: nn.Module, x, y, tensors, writable):
-    """``s ⊙ (y - b) + b``: the scale acts on ``W Mᵀ x``, not on the bias."""
-    (scale,) = tensors
-    bias = getattr(module, "bias", None)
-    if bias is None:
-        return y * scale.view(-1).to(y.dtype)
-    return (y - bias) * scale.view(-1).to(y.dtype) + bias
-
-
-def transform_weight(weight: torch.Tensor, tensors) -> torch.Tensor:
-    """A convolution's ``diag(s) W Mᵀ`` with each filter flattened."""
-    blocks, scale = tensors
-    rotated = rotate(weight.flatten(1), rotations(blocks).to(weight.dtype), transpose=True)
-    return (rotated * scale.to(weight.dtype)).view_as(weight)
-
-
-def boft_weight(kind: str, weight: torch.Tensor, tensors) -> torch.Tensor:
-    """``diag(s) W Mᵀ`` in the weight's own layout (the bias untouched)."""
-    blocks, scale = tensors
-    value = rotated_weight(kind, weight, rotations(blocks).to(weight.dtype))
-    scale = scale.to(weight.dtype).view(-1)
-    if kind == CONV1D_GPT2:  # (in, out)
-        return value * scale
-    return value * scale.view(-1, *[1] * (weight.dim() - 1))
-
-
-def merged(kind: str, module: nn.Module, tensors) -> dict:
-    weight = stored(module, "weight")
-    exact = torch.promote_types(weight.dtype, torch.float32)
-    value = boft_weight(kind, weight.to(exact), (tensors["boft_R"], tensors["boft_s"]))
-    return {"weight": value.to(weight.dtype)}

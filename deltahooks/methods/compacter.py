@@ -29,6 +29,20 @@ from ._bottleneck import (
 )
 
 
+def phm_weight(rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``Σ_i A_i ⊗ (s_i t_iᵀ)``: rules (n, n, n), ``s`` (n, rows, r), ``t`` (n, cols, r)."""
+    n, rows, cols = rule.shape[0], s.shape[1], t.shape[1]
+    return torch.einsum("iab,icr,idr->acbd", rule, s, t).reshape(n * rows, n * cols)
+
+
+def compacter(activation: str, width: int, module: nn.Module, x, y, tensors, writable):
+    """``y + up(act(down(y)))`` with PHM weights cut to the hidden width (the padding)."""
+    rule_down, rule_up, down_s, down_t, down_bias, up_s, up_t, up_bias = tensors
+    down = phm_weight(rule_down, down_s, down_t)[:, :width]
+    up = phm_weight(rule_up, up_s, up_t)[:width]
+    return bottleneck(module, activation, 1.0, y, y, down, down_bias, up, up_bias)
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class Compacter(DeltaSpec):
@@ -83,6 +97,7 @@ class Compacter(DeltaSpec):
     """
 
     method = "compacter"
+    reads_weights = False
     reduction_factor: int = 16
     phm_dim: int = 4
     phm_rank: int = 1
@@ -91,20 +106,16 @@ class Compacter(DeltaSpec):
     hidden_size: int | None = None
 
     def validate(self) -> None:
-        validate.positive_int("Compacter", "reduction_factor", self.reduction_factor, 16)
-        validate.positive_int("Compacter", "phm_dim", self.phm_dim, example=4)
-        validate.positive_int("Compacter", "phm_rank", self.phm_rank, example=1)
-        validate.flag("Compacter", "shared_phm_rule", self.shared_phm_rule)
-        validate.one_of("Compacter", "activation", self.activation, sorted(ACTIVATIONS))
-        validate.optional_positive_int("Compacter", "hidden_size", self.hidden_size, 768)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
+        validate.positive_int(self, "reduction_factor", self.reduction_factor, 16)
+        validate.positive_int(self, "phm_dim", self.phm_dim, example=4)
+        validate.positive_int(self, "phm_rank", self.phm_rank, example=1)
+        validate.flag(self, "shared_phm_rule", self.shared_phm_rule)
+        validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        refuse_kinds("Compacter", path, module)
-        check_hidden_size("Compacter", self.hidden_size, path, module)
+        refuse_kinds(self, path, module)
+        check_hidden_size(self, self.hidden_size, path, module)
 
     def _rule(self, opts: dict, device: DeviceLike) -> torch.Tensor:
         n = self.phm_dim
@@ -143,7 +154,7 @@ class Compacter(DeltaSpec):
             tensors["phm_rule_down"] = self._rule(opts, device)
             tensors["phm_rule_up"] = self._rule(opts, device)
             rules = ("phm_rule_down", "phm_rule_up")
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             init_factors(tensors["phm_down_s"], tensors["phm_down_t"], padded, terms=n)
             init_factors(tensors["phm_up_s"], tensors["phm_up_t"], size, terms=n)
             tensors["phm_up_s"].zero_()  # up = 0: the model is unchanged at attach
@@ -151,17 +162,3 @@ class Compacter(DeltaSpec):
         site = OutputSite(partial(compacter, self.activation, width), names)
         cannot = "a Compacter is non-linear in the module's output"
         return Part(path, tensors, [site], cannot_merge=cannot)
-
-
-def phm_weight(rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``Σ_i A_i ⊗ (s_i t_iᵀ)``: rules (n, n, n), ``s`` (n, rows, r), ``t`` (n, cols, r)."""
-    n, rows, cols = rule.shape[0], s.shape[1], t.shape[1]
-    return torch.einsum("iab,icr,idr->acbd", rule, s, t).reshape(n * rows, n * cols)
-
-
-def compacter(activation: str, width: int, module: nn.Module, x, y, tensors, writable):
-    """``y + up(act(down(y)))`` with PHM weights cut to the hidden width (the padding)."""
-    rule_down, rule_up, down_s, down_t, down_bias, up_s, up_t, up_bias = tensors
-    down = phm_weight(rule_down, down_s, down_t)[:, :width]
-    up = phm_weight(rule_up, up_s, up_t)[:width]
-    return bottleneck(module, activation, 1.0, y, y, down, down_bias, up, up_bias)

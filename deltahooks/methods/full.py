@@ -22,6 +22,26 @@ from ..sites import RedirectSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
 
 
+def _owned(module: nn.Module):
+    """(submodule path, attribute, tensor, is_parameter) for everything a Full copy holds.
+
+    Tensors of other deltas (reserved names) are not part of the module being copied.
+    """
+    for sub, owner in module.named_modules():
+        for attr, param in owner._parameters.items():
+            if param is not None and not is_reserved(attr):
+                yield sub, attr, param, True
+        for attr, buf in owner._buffers.items():
+            persistent = attr not in owner._non_persistent_buffers_set
+            if buf is not None and persistent and not is_reserved(attr):
+                yield sub, attr, buf, False
+
+
+def copies(module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    """Merging a Full delta puts the trained copies in place of the originals."""
+    return {key: value.detach().clone() for key, value in tensors.items()}
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class Full(DeltaSpec):
@@ -91,23 +111,3 @@ class Full(DeltaSpec):
                 copy = torch.empty_like(tensor, device=device)
             tensors[(join(path, sub), attr)] = (copy, is_parameter)
         return Part(path, tensors, [RedirectSite(tuple(tensors))], merge=copies, merge_order=0)
-
-
-def _owned(module: nn.Module):
-    """(submodule path, attribute, tensor, is_parameter) for everything a Full copy holds.
-
-    Tensors of other deltas (reserved names) are not part of the module being copied.
-    """
-    for sub, owner in module.named_modules():
-        for attr, param in owner._parameters.items():
-            if param is not None and not is_reserved(attr):
-                yield sub, attr, param, True
-        for attr, buf in owner._buffers.items():
-            persistent = attr not in owner._non_persistent_buffers_set
-            if buf is not None and persistent and not is_reserved(attr):
-                yield sub, attr, buf, False
-
-
-def copies(module: nn.Module, tensors) -> dict[str, torch.Tensor]:
-    """Merging a Full delta puts the trained copies in place of the originals."""
-    return {key: value.detach().clone() for key, value in tensors.items()}

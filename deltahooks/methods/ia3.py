@@ -33,9 +33,71 @@ from ..sites import InputSite, OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import first_match
 
-KINDS = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
 NAMES = ("ia3_l",)
 INITS = ("default", "random")
+
+
+def scale_output(dim: int, module: nn.Module, x, y, tensors, writable):
+    """``l ⊙ y`` along the output channels (the bias is scaled too)."""
+    (vector,) = tensors
+    return (y * along_channels(vector, dim, y.dim())).to(y.dtype)
+
+
+def scale_input(dim: int, module: nn.Module, x, tensors):
+    """``l ⊙ x`` along the input features."""
+    (vector,) = tensors
+    return (x * along_channels(vector, dim, x.dim())).to(x.dtype)
+
+
+def weight_factor(
+    kind: str, feedforward: bool, groups: int, weight: torch.Tensor, vector: torch.Tensor
+):
+    """The vector shaped to multiply ``weight``'s input columns or output rows."""
+    if kind != CONV:  # an out × in factor, put in the layer's own layout
+        matrix = vector[None, :] if feedforward else vector[:, None]
+        return matrix.t() if kind in (CONV1D_GPT2, EMBEDDING) else matrix
+    ones = [1] * (weight.dim() - 2)
+    if not feedforward:
+        return vector.view(-1, 1, *ones)
+    # weight (out, in / groups, *kernel): output channel o of group g reads the inputs
+    # g · in/groups ... (g + 1) · in/groups - 1
+    per_group = vector.view(groups, -1)
+    factor = per_group.repeat_interleave(weight.shape[0] // groups, dim=0)
+    return factor.view(*factor.shape, *ones)
+
+
+def scaled_weight(kind: str, feedforward: bool, groups: int, weight: torch.Tensor, tensors):
+    """The weight with its output rows (or input columns) scaled: the weight site of a
+    layer the model reads without calling it."""
+    (vector,) = tensors
+    return weight * weight_factor(kind, feedforward, groups, weight, vector)
+
+
+def scaled_bias(bias: torch.Tensor, tensors) -> torch.Tensor:
+    """``l ⊙ b``: the bias of a scaled output."""
+    (vector,) = tensors
+    return bias * vector
+
+
+def merged(kind: str, feedforward: bool, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    weight = stored(module, "weight")
+    exact = torch.promote_types(weight.dtype, torch.float32)
+    vector = tensors["ia3_l"].to(exact)
+    groups = module.groups if kind == CONV else 1
+    values = {"weight": scaled_weight(kind, feedforward, groups, weight.to(exact), (vector,))}
+    values["weight"] = values["weight"].to(weight.dtype)
+    if not feedforward and isinstance(getattr(module, "bias", None), torch.Tensor):
+        bias = stored(module, "bias")
+        values["bias"] = (bias.to(exact) * vector).to(bias.dtype)
+    return values
+
+
+def _entries(feedforward) -> list | None:
+    if isinstance(feedforward, str):
+        return [feedforward]
+    if isinstance(feedforward, (list, tuple)):
+        return list(feedforward)
+    return None
 
 
 @register_method
@@ -99,6 +161,8 @@ class IA3(DeltaSpec):
     """
 
     method = "ia3"
+    layer_kinds = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
+    reads_weights = False
     feedforward: str | list[str] = field(default_factory=list)
     init: Literal["default", "random"] = "default"
 
@@ -109,14 +173,10 @@ class IA3(DeltaSpec):
                 f"IA3 feedforward={self.feedforward!r} must be a target string or a list of "
                 "them (name suffix, glob or 're:' regex), e.g. feedforward=['down_proj']"
             )
-        validate.one_of("IA3", "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             raise UnsupportedModuleError(
                 f"IA3 cannot scale {path or '<root>'!r} ({type(module).__name__}); it supports "
                 "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding. Narrow "
@@ -178,66 +238,3 @@ class IA3(DeltaSpec):
             exclusive_merge=True,
             note=WHY if direct else "",
         )
-
-
-def _entries(feedforward) -> list | None:
-    if isinstance(feedforward, str):
-        return [feedforward]
-    if isinstance(feedforward, (list, tuple)):
-        return list(feedforward)
-    return None
-
-
-def scale_output(dim: int, module: nn.Module, x, y, tensors, writable):
-    """``l ⊙ y`` along the output channels (the bias is scaled too)."""
-    (vector,) = tensors
-    return (y * along_channels(vector, dim, y.dim())).to(y.dtype)
-
-
-def scale_input(dim: int, module: nn.Module, x, tensors):
-    """``l ⊙ x`` along the input features."""
-    (vector,) = tensors
-    return (x * along_channels(vector, dim, x.dim())).to(x.dtype)
-
-
-def weight_factor(
-    kind: str, feedforward: bool, groups: int, weight: torch.Tensor, vector: torch.Tensor
-):
-    """The vector shaped to multiply ``weight``'s input columns or output rows."""
-    if kind != CONV:  # an out × in factor, put in the layer's own layout
-        matrix = vector[None, :] if feedforward else vector[:, None]
-        return matrix.t() if kind in (CONV1D_GPT2, EMBEDDING) else matrix
-    ones = [1] * (weight.dim() - 2)
-    if not feedforward:
-        return vector.view(-1, 1, *ones)
-    # weight (out, in / groups, *kernel): output channel o of group g reads the inputs
-    # g · in/groups ... (g + 1) · in/groups - 1
-    per_group = vector.view(groups, -1)
-    factor = per_group.repeat_interleave(weight.shape[0] // groups, dim=0)
-    return factor.view(*factor.shape, *ones)
-
-
-def scaled_weight(kind: str, feedforward: bool, groups: int, weight: torch.Tensor, tensors):
-    """The weight with its output rows (or input columns) scaled: the weight site of a
-    layer the model reads without calling it."""
-    (vector,) = tensors
-    return weight * weight_factor(kind, feedforward, groups, weight, vector)
-
-
-def scaled_bias(bias: torch.Tensor, tensors) -> torch.Tensor:
-    """``l ⊙ b``: the bias of a scaled output."""
-    (vector,) = tensors
-    return bias * vector
-
-
-def merged(kind: str, feedforward: bool, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
-    weight = stored(module, "weight")
-    exact = torch.promote_types(weight.dtype, torch.float32)
-    vector = tensors["ia3_l"].to(exact)
-    groups = module.groups if kind == CONV else 1
-    values = {"weight": scaled_weight(kind, feedforward, groups, weight.to(exact), (vector,))}
-    values["weight"] = values["weight"].to(weight.dtype)
-    if not feedforward and isinstance(getattr(module, "bias", None), torch.Tensor):
-        bias = stored(module, "bias")
-        values["bias"] = (bias.to(exact) * vector).to(bias.dtype)
-    return values

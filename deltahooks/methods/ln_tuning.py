@@ -38,6 +38,36 @@ norm_layers.no_match_hint = (
 )
 
 
+def _statistics(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The norm's own persistent buffers (running statistics), which train mode updates."""
+    return [
+        (name, buffer)
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+        and name not in module._non_persistent_buffers_set
+        and not is_reserved(name)
+    ]
+
+
+def shifted(value: torch.Tensor, tensors) -> torch.Tensor:
+    """``weight + Δw`` (or ``bias + Δb``): the norm's forward reads this."""
+    (delta,) = tensors
+    return value + delta
+
+
+def merged_norm(statistics: tuple[str, ...], module: nn.Module, tensors) -> dict:
+    """Deltas added into the stored weight and bias; the statistics' copies put in place."""
+    values = {}
+    for attr, local in AFFINE:
+        if local in tensors:
+            base = stored(module, attr)
+            exact = torch.promote_types(base.dtype, torch.float32)
+            values[attr] = (base.to(exact) + tensors[local].to(exact)).to(base.dtype)
+    for name in statistics:
+        values[name] = tensors[name].detach().clone()
+    return values
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class LNTuning(DeltaSpec):
@@ -114,33 +144,3 @@ class LNTuning(DeltaSpec):
             sites.append(RedirectSite(tuple((path, name) for name, _ in statistics)))
         names = tuple(name for name, _ in statistics)
         return Part(path, tensors, sites, merge=partial(merged_norm, names))
-
-
-def _statistics(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The norm's own persistent buffers (running statistics), which train mode updates."""
-    return [
-        (name, buffer)
-        for name, buffer in module._buffers.items()
-        if buffer is not None
-        and name not in module._non_persistent_buffers_set
-        and not is_reserved(name)
-    ]
-
-
-def shifted(value: torch.Tensor, tensors) -> torch.Tensor:
-    """``weight + Δw`` (or ``bias + Δb``): the norm's forward reads this."""
-    (delta,) = tensors
-    return value + delta
-
-
-def merged_norm(statistics: tuple[str, ...], module: nn.Module, tensors) -> dict:
-    """Deltas added into the stored weight and bias; the statistics' copies put in place."""
-    values = {}
-    for attr, local in AFFINE:
-        if local in tensors:
-            base = stored(module, attr)
-            exact = torch.promote_types(base.dtype, torch.float32)
-            values[attr] = (base.to(exact) + tensors[local].to(exact)).to(base.dtype)
-    for name in statistics:
-        values[name] = tensors[name].detach().clone()
-    return values

@@ -21,11 +21,69 @@ from .. import validate
 from ..layers import CONV, CONV1D_GPT2, LINEAR, kind_of, widths
 from ..sites import WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
-from . import _lycoris
+from . import _lycoris, _rank_patterns
 
 INITS = ("default", "random")
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d and nn.Conv2d"
+
+
+@torch.no_grad()
+def _initialise(tensors: dict[str, torch.Tensor], init: str) -> None:
+    for name, tensor in tensors.items():
+        if name == "hada_w2_b" and init == "default":
+            nn.init.zeros_(tensor)  # one zero factor: the update starts at exactly zero
+        else:
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def hadamard_weight(transposed: bool, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``W + s · (A₁B₁) ⊙ (A₂B₂)`` in the weight's own layout.
+
+    ``transposed``: the weight is stored fan-in × fan-out (GPT-2 ``Conv1D``), so the
+    update is built transposed, ``(B₁ᵀA₁ᵀ) ⊙ (B₂ᵀA₂ᵀ)``, with no copy of ``W``.
+    """
+    a1, b1, a2, b2 = tensors
+    if transposed:
+        a1, b1, a2, b2 = b1.t(), a1.t(), b2.t(), a2.t()
+    matrix = weight.flatten(1)  # a convolution's kernel as fan-out × (fan-in · kernel)
+    return HadamardUpdate.apply(matrix, a1, b1, a2, b2, scale).view_as(weight)
+
+
+class HadamardUpdate(torch.autograd.Function):
+    """``W + s · (A₁B₁) ⊙ (A₂B₂)`` that keeps only the small factors for the backward.
+
+    Plain autograd would keep both full-size products alive per layer until the
+    backward; here they are recomputed there (one matmul each), as PEFT does. Written
+    with ``setup_context`` and a generated vmap rule, so ``torch.func`` transforms work.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight, a1, b1, a2, b2, scale: float):
+        return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, a1, b1, a2, b2, scale = inputs
+        ctx.save_for_backward(a1, b1, a2, b2)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        a1, b1, a2, b2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = [grad if needs[0] else None, None, None, None, None, None]
+        for i, (a, b, other_a, other_b) in enumerate(((a1, b1, a2, b2), (a2, b2, a1, b1))):
+            if needs[1 + 2 * i] or needs[2 + 2 * i]:
+                # d/d(AB) of s · (AB) ⊙ P is s · grad ⊙ P; the scale goes on the small results
+                through = (other_a @ other_b).mul_(grad)
+                if needs[1 + 2 * i]:
+                    grads[1 + 2 * i] = (through @ b.mT).mul_(ctx.scale)
+                if needs[2 + 2 * i]:
+                    grads[2 + 2 * i] = (a.mT @ through).mul_(ctx.scale)
+        return tuple(grads)
 
 
 @register_method
@@ -91,23 +149,23 @@ class LoHa(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _lycoris.validate_rank_and_alpha("LoHa", self)
-        validate.one_of("LoHa", "init", self.init, INITS)
+        _rank_patterns.validate_rank_and_alpha(self)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         kind = kind_of(module)
         if kind not in (LINEAR, CONV1D_GPT2, CONV) or (kind == CONV and module.weight.dim() > 4):
-            _lycoris.refuse("LoHa", path, module, SUPPORTED)
+            _lycoris.refuse(self, path, module, SUPPORTED)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
-        rank, scale = _lycoris.rank_and_scale(self, path, module, root)
+        rank, scale = _rank_patterns.rank_and_scale(self, path, module, root)
         fan_in, fan_out = widths(module)
         options = tensor_options(module, device)
         shapes = ((fan_out, rank), (rank, fan_in), (fan_out, rank), (rank, fan_in))
         tensors = {name: torch.empty(shape, **options) for name, shape in zip(NAMES, shapes)}
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             _initialise(tensors, self.init)
         fn = partial(hadamard_weight, kind_of(module) == CONV1D_GPT2, scale)
         # A weight site, not an output hook like PEFT's: both build the full-size update,
@@ -120,61 +178,3 @@ class LoHa(DeltaSpec):
             [WeightSite(fn, "weight", NAMES)],
             merge=partial(_lycoris.merged_weight, fn, NAMES),
         )
-
-
-@torch.no_grad()
-def _initialise(tensors: dict[str, torch.Tensor], init: str) -> None:
-    for name, tensor in tensors.items():
-        if name == "hada_w2_b" and init == "default":
-            nn.init.zeros_(tensor)  # one zero factor: the update starts at exactly zero
-        else:
-            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-
-
-def hadamard_weight(transposed: bool, scale: float, weight: torch.Tensor, tensors) -> torch.Tensor:
-    """``W + s · (A₁B₁) ⊙ (A₂B₂)`` in the weight's own layout.
-
-    ``transposed``: the weight is stored fan-in × fan-out (GPT-2 ``Conv1D``), so the
-    update is built transposed, ``(B₁ᵀA₁ᵀ) ⊙ (B₂ᵀA₂ᵀ)``, with no copy of ``W``.
-    """
-    a1, b1, a2, b2 = tensors
-    if transposed:
-        a1, b1, a2, b2 = b1.t(), a1.t(), b2.t(), a2.t()
-    matrix = weight.flatten(1)  # a convolution's kernel as fan-out × (fan-in · kernel)
-    return HadamardUpdate.apply(matrix, a1, b1, a2, b2, scale).view_as(weight)
-
-
-class HadamardUpdate(torch.autograd.Function):
-    """``W + s · (A₁B₁) ⊙ (A₂B₂)`` that keeps only the small factors for the backward.
-
-    Plain autograd would keep both full-size products alive per layer until the
-    backward; here they are recomputed there (one matmul each), as PEFT does. Written
-    with ``setup_context`` and a generated vmap rule, so ``torch.func`` transforms work.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(weight, a1, b1, a2, b2, scale: float):
-        return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, a1, b1, a2, b2, scale = inputs
-        ctx.save_for_backward(a1, b1, a2, b2)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        a1, b1, a2, b2 = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grads = [grad if needs[0] else None, None, None, None, None, None]
-        for i, (a, b, other_a, other_b) in enumerate(((a1, b1, a2, b2), (a2, b2, a1, b1))):
-            if needs[1 + 2 * i] or needs[2 + 2 * i]:
-                # d/d(AB) of s · (AB) ⊙ P is s · grad ⊙ P; the scale goes on the small results
-                through = (other_a @ other_b).mul_(grad)
-                if needs[1 + 2 * i]:
-                    grads[1 + 2 * i] = (through @ b.mT).mul_(ctx.scale)
-                if needs[2 + 2 * i]:
-                    grads[2 + 2 * i] = (a.mT @ through).mul_(ctx.scale)
-        return tuple(grads)

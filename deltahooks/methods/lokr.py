@@ -23,10 +23,68 @@ from ..errors import SpecError
 from ..layers import CONV, CONV1D_GPT2, LINEAR, kind_of, widths
 from ..sites import WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
-from . import _lycoris
+from . import _lycoris, _rank_patterns
 
 INITS = ("default", "lycoris", "random")
 SUPPORTED = "nn.Linear, transformers Conv1D and nn.Conv2d"
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split ``dimension`` into two factors, as PEFT's LoKr does.
+
+    A positive ``factor`` that divides it gives ``(factor, dimension // factor)``.
+    Otherwise divisors are tried in increasing order (up to ``factor``, or all for -1)
+    until they pass the square root; the result is the last pair, smaller first.
+
+    Example:
+        >>> factorization(128), factorization(127), factorization(128, 4), factorization(30, 4)
+        ((8, 16), (1, 127), (4, 32), (3, 10))
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        divisor = next(d for d in range(m + 1, dimension + 1) if dimension % d == 0)
+        if divisor > limit:
+            break
+        m, n = divisor, dimension // divisor
+    return (m, n) if m <= n else (n, m)
+
+
+@torch.no_grad()
+def _initialise(tensors: dict[str, torch.Tensor], init: str) -> None:
+    # one zero factor makes the update start at exactly zero: W₁ (A₁) by default, W₂
+    # (B₂) the LyCORIS way
+    zero = {"default": ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b")}
+    for name, tensor in tensors.items():
+        if name in zero.get(init, ()):
+            nn.init.zeros_(tensor)
+        else:
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def kronecker_weight(
+    transposed: bool, full1: bool, full2: bool, scale: float, weight: torch.Tensor, tensors
+) -> torch.Tensor:
+    """``W + s · (W₁ ⊗ W₂)`` in the weight's own layout, from the factors as stored.
+
+    ``W`` is viewed as ``(out₁, out₂, in₁, rest)`` so that one broadcast multiply-add
+    writes the result: the Kronecker product itself is never materialised. ``transposed``:
+    the weight is stored fan-in × fan-out (GPT-2 ``Conv1D``), viewed ``(in₁, rest, out₁,
+    out₂)``.
+    """
+    w1, rest = (tensors[0], tensors[1:]) if full1 else (tensors[0] @ tensors[1], tensors[2:])
+    w2 = rest[0] if full2 else rest[0] @ rest[1]
+    (out1, in1), out2 = w1.shape, w2.shape[0]
+    w2 = w2.reshape(out2, -1)  # a kernel's (in₂, kh, kw) read as one dimension
+    if transposed:
+        blocks = weight.view(in1, -1, out1, out2)
+        w1, w2 = w1.t()[:, None, :, None], w2.t()[None, :, None, :]
+    else:
+        blocks = weight.view(out1, out2, in1, -1)
+        w1, w2 = w1[:, None, :, None], w2[None, :, None, :]
+    return torch.addcmul(blocks, w1, w2, value=scale).view_as(weight)
 
 
 @register_method
@@ -101,7 +159,7 @@ class LoKr(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _lycoris.validate_rank_and_alpha("LoKr", self)
+        _rank_patterns.validate_rank_and_alpha(self)
         if not (isinstance(self.factor, int) and not isinstance(self.factor, bool)) or not (
             self.factor == -1 or self.factor > 0
         ):
@@ -109,18 +167,18 @@ class LoKr(DeltaSpec):
                 f"LoKr factor={self.factor!r} must be -1 (split near the square root) or a "
                 "positive integer, e.g. factor=4"
             )
-        validate.flag("LoKr", "decompose_both", self.decompose_both)
-        validate.one_of("LoKr", "init", self.init, INITS)
+        validate.flag(self, "decompose_both", self.decompose_both)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         kind = kind_of(module)
         if kind not in (LINEAR, CONV1D_GPT2, CONV) or (kind == CONV and module.weight.dim() != 4):
-            _lycoris.refuse("LoKr", path, module, SUPPORTED)
+            _lycoris.refuse(self, path, module, SUPPORTED)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
-        rank, scale = _lycoris.rank_and_scale(self, path, module, root)
+        rank, scale = _rank_patterns.rank_and_scale(self, path, module, root)
         kind = kind_of(module)
         if kind == CONV:
             fan_in, fan_out = module.in_channels // module.groups, module.out_channels
@@ -142,7 +200,7 @@ class LoKr(DeltaSpec):
             shapes.update(lokr_w2_a=(out2, rank), lokr_w2_b=(rank, in2 * math.prod(kernel)))
         options = tensor_options(module, device)
         tensors = {name: torch.empty(shape, **options) for name, shape in shapes.items()}
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             _initialise(tensors, self.init)
         names = tuple(tensors)
         fn = partial(kronecker_weight, kind == CONV1D_GPT2, full1, full2, scale)
@@ -156,61 +214,3 @@ class LoKr(DeltaSpec):
             [WeightSite(fn, "weight", names)],
             merge=partial(_lycoris.merged_weight, fn, names),
         )
-
-
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """Split ``dimension`` into two factors, as PEFT's LoKr does.
-
-    A positive ``factor`` that divides it gives ``(factor, dimension // factor)``.
-    Otherwise divisors are tried in increasing order (up to ``factor``, or all for -1)
-    until they pass the square root; the result is the last pair, smaller first.
-
-    Example:
-        >>> factorization(128), factorization(127), factorization(128, 4), factorization(30, 4)
-        ((8, 16), (1, 127), (4, 32), (3, 10))
-    """
-    if factor > 0 and dimension % factor == 0:
-        return factor, dimension // factor
-    limit = dimension if factor == -1 else factor
-    m, n = 1, dimension
-    while m < n:
-        divisor = next(d for d in range(m + 1, dimension + 1) if dimension % d == 0)
-        if divisor > limit:
-            break
-        m, n = divisor, dimension // divisor
-    return (m, n) if m <= n else (n, m)
-
-
-@torch.no_grad()
-def _initialise(tensors: dict[str, torch.Tensor], init: str) -> None:
-    # one zero factor makes the update start at exactly zero: W₁ (A₁) by default, W₂
-    # (B₂) the LyCORIS way
-    zero = {"default": ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b")}
-    for name, tensor in tensors.items():
-        if name in zero.get(init, ()):
-            nn.init.zeros_(tensor)
-        else:
-            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-
-
-def kronecker_weight(
-    transposed: bool, full1: bool, full2: bool, scale: float, weight: torch.Tensor, tensors
-) -> torch.Tensor:
-    """``W + s · (W₁ ⊗ W₂)`` in the weight's own layout, from the factors as stored.
-
-    ``W`` is viewed as ``(out₁, out₂, in₁, rest)`` so that one broadcast multiply-add
-    writes the result: the Kronecker product itself is never materialised. ``transposed``:
-    the weight is stored fan-in × fan-out (GPT-2 ``Conv1D``), viewed ``(in₁, rest, out₁,
-    out₂)``.
-    """
-    w1, rest = (tensors[0], tensors[1:]) if full1 else (tensors[0] @ tensors[1], tensors[2:])
-    w2 = rest[0] if full2 else rest[0] @ rest[1]
-    (out1, in1), out2 = w1.shape, w2.shape[0]
-    w2 = w2.reshape(out2, -1)  # a kernel's (in₂, kh, kw) read as one dimension
-    if transposed:
-        blocks = weight.view(in1, -1, out1, out2)
-        w1, w2 = w1.t()[:, None, :, None], w2.t()[None, :, None, :]
-    else:
-        blocks = weight.view(out1, out2, in1, -1)
-        w1, w2 = w1[:, None, :, None], w2[None, :, None, :]
-    return torch.addcmul(blocks, w1, w2, value=scale).view_as(weight)

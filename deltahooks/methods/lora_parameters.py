@@ -91,7 +91,7 @@ def make_part(
     stack = (experts,) if experts else ()
     a = torch.empty(*stack, rank, fan_in, **like)
     b = torch.empty(*stack, fan_out, rank, **like)
-    if device is None:  # a real build; a plan (device="meta") needs shapes only
+    if spec.real_build(device):
         if rank > min(fan_in, fan_out):
             warn(
                 f"LoRA rank {rank} on {path!r} exceeds the full rank {min(fan_in, fan_out)} "

@@ -27,6 +27,14 @@ from ._bottleneck import (
 )
 
 
+def low_rank(activation: str, module: nn.Module, x, y, tensors, writable):
+    """``y + up(act(down(y)))`` with ``down = u_d v_dᵀ``, ``up = u_u v_uᵀ``."""
+    down_u, down_v, down_bias, up_u, up_v, up_bias = tensors
+    return bottleneck(
+        module, activation, 1.0, y, y, down_u @ down_v.T, down_bias, up_u @ up_v.T, up_bias
+    )
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class LowRankAdapter(DeltaSpec):
@@ -72,24 +80,21 @@ class LowRankAdapter(DeltaSpec):
     """
 
     method = "low_rank_adapter"
+    reads_weights = False
     reduction_factor: int = 32
     rank: int = 1
     activation: Literal["relu", "gelu", "tanh", "silu"] = "gelu"
     hidden_size: int | None = None
 
     def validate(self) -> None:
-        validate.positive_int("LowRankAdapter", "reduction_factor", self.reduction_factor, 32)
-        validate.positive_int("LowRankAdapter", "rank", self.rank, example=1)
-        validate.one_of("LowRankAdapter", "activation", self.activation, sorted(ACTIVATIONS))
-        validate.optional_positive_int("LowRankAdapter", "hidden_size", self.hidden_size, 768)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
+        validate.positive_int(self, "reduction_factor", self.reduction_factor, 32)
+        validate.positive_int(self, "rank", self.rank, example=1)
+        validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        refuse_kinds("LowRankAdapter", path, module)
-        check_hidden_size("LowRankAdapter", self.hidden_size, path, module)
+        refuse_kinds(self, path, module)
+        check_hidden_size(self, self.hidden_size, path, module)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
@@ -105,18 +110,10 @@ class LowRankAdapter(DeltaSpec):
             "lowrank_up_v": torch.empty(size, self.rank, **opts),
             "lowrank_up_bias": torch.zeros(width, **opts),
         }
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             init_factors(tensors["lowrank_down_u"], tensors["lowrank_down_v"], width)
             init_factors(tensors["lowrank_up_u"], tensors["lowrank_up_v"], size)
             tensors["lowrank_up_u"].zero_()  # up = 0: the model is unchanged at attach
         site = OutputSite(partial(low_rank, self.activation), tuple(tensors))
         cannot = "a LowRankAdapter is non-linear in the module's output"
         return Part(path, tensors, [site], cannot_merge=cannot)
-
-
-def low_rank(activation: str, module: nn.Module, x, y, tensors, writable):
-    """``y + up(act(down(y)))`` with ``down = u_d v_dᵀ``, ``up = u_u v_uᵀ``."""
-    down_u, down_v, down_bias, up_u, up_v, up_bias = tensors
-    return bottleneck(
-        module, activation, 1.0, y, y, down_u @ down_v.T, down_bias, up_u @ up_v.T, up_bias
-    )

@@ -23,7 +23,6 @@ from ..sites import InputSite, OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ._orthogonal import PEFT_OFT_BLOCK_SIZE, cayley, nearest_divisor, rotate, skew_from_upper
 
-KINDS = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
 INITS = ("default", "random")
 
 
@@ -34,6 +33,56 @@ def rotated_width(module: nn.Module) -> int:
     if kind == EMBEDDING:
         return module.embedding_dim
     return widths(module)[0]
+
+
+def rotation(vector: torch.Tensor, size: int, terms: int | None) -> torch.Tensor:
+    """The blocks of ``R`` as one butterfly level, ``(1, blocks, size, size)``, in float32
+    or wider."""
+    exact = torch.promote_types(vector.dtype, torch.float32)
+    return cayley(skew_from_upper(vector.to(exact), size), terms)[None]
+
+
+def rotate_input(size: int, terms: int | None, module: nn.Module, x, tensors):
+    """``x R`` on the input features."""
+    (vector,) = tensors
+    return rotate(x, rotation(vector, size, terms).to(x.dtype))
+
+
+def rotate_output(size: int, terms: int | None, module: nn.Module, x, y, tensors, writable):
+    """An embedding's vectors ``e R``."""
+    (vector,) = tensors
+    return rotate(y, rotation(vector, size, terms).to(y.dtype))
+
+
+def rotate_weight(size: int, terms: int | None, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """A convolution's ``W Rᵀ`` with each filter flattened (``in/groups × kernel``)."""
+    (vector,) = tensors
+    blocks = rotation(vector, size, terms).to(weight.dtype)
+    return rotate(weight.flatten(1), blocks, transpose=True).view_as(weight)
+
+
+def oft_weight(kind: str, size: int, terms: int | None, weight: torch.Tensor, tensors):
+    """The weight with ``R`` folded in, in its own layout: the weight site of a layer the
+    model reads without calling it."""
+    (vector,) = tensors
+    return rotated_weight(kind, weight, rotation(vector, size, terms).to(weight.dtype))
+
+
+def rotated_weight(kind: str, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The stored weight of a layer of ``kind`` with ``M`` folded in (``blocks``: its
+    butterfly levels, see :func:`~deltahooks.methods._orthogonal.rotate`)."""
+    if kind == EMBEDDING:  # rows are the vectors: E M
+        return rotate(weight, blocks)
+    if kind == CONV1D_GPT2:  # (in, out): M Wᵀ
+        return rotate(weight.t(), blocks, transpose=True).t()
+    return rotate(weight.flatten(1), blocks, transpose=True).view_as(weight)  # W Mᵀ
+
+
+def merged(kind: str, size: int, terms: int | None, module: nn.Module, tensors) -> dict:
+    weight = stored(module, "weight")
+    exact = torch.promote_types(weight.dtype, torch.float32)
+    blocks = rotation(tensors["oft_R"], size, terms).to(exact)
+    return {"weight": rotated_weight(kind, weight.to(exact), blocks).to(weight.dtype)}
 
 
 @register_method
@@ -95,19 +144,20 @@ class OFT(DeltaSpec):
     """
 
     method = "oft"
+    layer_kinds = (LINEAR, CONV1D_GPT2, CONV, EMBEDDING)
     block_size: int | None = None
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.optional_positive_int("OFT", "block_size", self.block_size, example=32)
-        validate.flag("OFT", "use_cayley_neumann", self.use_cayley_neumann)
-        validate.positive_int("OFT", "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 5)
-        validate.one_of("OFT", "init", self.init, INITS)
+        validate.optional_positive_int(self, "block_size", self.block_size, example=32)
+        validate.flag(self, "use_cayley_neumann", self.use_cayley_neumann)
+        validate.positive_int(self, "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 5)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             raise UnsupportedModuleError(
                 f"OFT cannot rotate {path or '<root>'!r} ({type(module).__name__}); it supports "
                 "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding. Narrow "
@@ -160,53 +210,3 @@ class OFT(DeltaSpec):
             exclusive_merge=True,
             note=WHY if direct else "",
         )
-
-
-def rotation(vector: torch.Tensor, size: int, terms: int | None) -> torch.Tensor:
-    """The blocks of ``R`` as one butterfly level, ``(1, blocks, size, size)``, in float32
-    or wider."""
-    exact = torch.promote_types(vector.dtype, torch.float32)
-    return cayley(skew_from_upper(vector.to(exact), size), terms)[None]
-
-
-def rotate_input(size: int, terms: int | None, module: nn.Module, x, tensors):
-    """``x R`` on the input features."""
-    (vector,) = tensors
-    return rotate(x, rotation(vector, size, terms).to(x.dtype))
-
-
-def rotate_output(size: int, terms: int | None, module: nn.Module, x, y, tensors, writable):
-    """An embedding's vectors ``e R``."""
-    (vector,) = tensors
-    return rotate(y, rotation(vector, size, terms).to(y.dtype))
-
-
-def rotate_weight(size: int, terms: int | None, weight: torch.Tensor, tensors) -> torch.Tensor:
-    """A convolution's ``W Rᵀ`` with each filter flattened (``in/groups × kernel``)."""
-    (vector,) = tensors
-    blocks = rotation(vector, size, terms).to(weight.dtype)
-    return rotate(weight.flatten(1), blocks, transpose=True).view_as(weight)
-
-
-def oft_weight(kind: str, size: int, terms: int | None, weight: torch.Tensor, tensors):
-    """The weight with ``R`` folded in, in its own layout: the weight site of a layer the
-    model reads without calling it."""
-    (vector,) = tensors
-    return rotated_weight(kind, weight, rotation(vector, size, terms).to(weight.dtype))
-
-
-def rotated_weight(kind: str, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The stored weight of a layer of ``kind`` with ``M`` folded in (``blocks``: its
-    butterfly levels, see :func:`~deltahooks.methods._orthogonal.rotate`)."""
-    if kind == EMBEDDING:  # rows are the vectors: E M
-        return rotate(weight, blocks)
-    if kind == CONV1D_GPT2:  # (in, out): M Wᵀ
-        return rotate(weight.t(), blocks, transpose=True).t()
-    return rotate(weight.flatten(1), blocks, transpose=True).view_as(weight)  # W Mᵀ
-
-
-def merged(kind: str, size: int, terms: int | None, module: nn.Module, tensors) -> dict:
-    weight = stored(module, "weight")
-    exact = torch.promote_types(weight.dtype, torch.float32)
-    blocks = rotation(tensors["oft_R"], size, terms).to(exact)
-    return {"weight": rotated_weight(kind, weight.to(exact), blocks).to(weight.dtype)}

@@ -30,6 +30,17 @@ from ._bottleneck import (
 INITS = ("default", "random")
 
 
+def parallel(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
+    """``y + s · up(act(down(x)))``, with a clear error when ``x`` is not what was planned."""
+    source = first_tensor(x)
+    if source is None:
+        raise UnsupportedModuleError(
+            f"ParallelAdapter on {type(module).__name__} reads the module's first input, and it "
+            "got no tensor; target a module whose first input is its (..., width) hidden state"
+        )
+    return bottleneck(module, activation, scale, source, y, *tensors)
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class ParallelAdapter(DeltaSpec):
@@ -77,6 +88,7 @@ class ParallelAdapter(DeltaSpec):
     """
 
     method = "parallel_adapter"
+    reads_weights = False
     bottleneck: int = 64
     scale: float = 1.0
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
@@ -84,26 +96,22 @@ class ParallelAdapter(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.positive_int("ParallelAdapter", "bottleneck", self.bottleneck, example=64)
-        validate.finite("ParallelAdapter", "scale", self.scale)
-        validate.one_of("ParallelAdapter", "activation", self.activation, sorted(ACTIVATIONS))
-        validate.optional_positive_int("ParallelAdapter", "hidden_size", self.hidden_size, 768)
-        validate.one_of("ParallelAdapter", "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
+        validate.positive_int(self, "bottleneck", self.bottleneck, example=64)
+        validate.finite(self, "scale", self.scale)
+        validate.one_of(self, "activation", self.activation, sorted(ACTIVATIONS))
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, 768)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        refuse_kinds("ParallelAdapter", path, module, (CONV, EMBEDDING))
-        check_hidden_size("ParallelAdapter", self.hidden_size, path, module)
+        refuse_kinds(self, path, module, (CONV, EMBEDDING))
+        check_hidden_size(self, self.hidden_size, path, module)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
     ) -> Part:
         fan_in = input_width(path, module, root, self.hidden_size)
         fan_out = hidden_width(path, module, root, self.hidden_size)
-        check_bottleneck("ParallelAdapter", self.bottleneck, fan_in, path, "input width")
+        check_bottleneck(self, self.bottleneck, fan_in, path, "input width")
         tensors = plain_pair(
             "parallel",
             fan_in,
@@ -116,14 +124,3 @@ class ParallelAdapter(DeltaSpec):
         site = OutputSite(partial(parallel, self.activation, float(self.scale)), tuple(tensors))
         cannot = "a ParallelAdapter is non-linear in the module's input"
         return Part(path, tensors, [site], cannot_merge=cannot)
-
-
-def parallel(activation: str, scale: float, module: nn.Module, x, y, tensors, writable):
-    """``y + s · up(act(down(x)))``, with a clear error when ``x`` is not what was planned."""
-    source = first_tensor(x)
-    if source is None:
-        raise UnsupportedModuleError(
-            f"ParallelAdapter on {type(module).__name__} reads the module's first input, and it "
-            "got no tensor; target a module whose first input is its (..., width) hidden state"
-        )
-    return bottleneck(module, activation, scale, source, y, *tensors)

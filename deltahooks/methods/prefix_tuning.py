@@ -8,35 +8,27 @@ non-empty cache (``generate()`` after its first step) only shifts its mask and
 positions. Encoder-decoder models get prefixes in the decoder's self-attention (their
 encoders take no cache). With ``reparameterize`` the prefixes are a small MLP's output
 while training; files store the prefixes alone. A checkpointed training call gets a
-cache that replays the same prefixes instead (see :func:`replay_classes`).
+cache that replays the same prefixes instead (see :mod:`deltahooks.methods._prefix_cache`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import logging
 import math
 import sys
-import warnings
-import weakref
 from dataclasses import dataclass, replace
-from functools import cache, partial
-from typing import NamedTuple
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import validate
-from ..errors import DeltaStateError, UnsupportedModuleError
+from ..errors import DeltaStateError
 from ..ledger import join
 from ..sites import FlagSite, RootCallSite, first_tensor
 from ..spec import DeltaSpec, DeviceLike, Part, register_method, tensor_options
 from ..targets import Target
 from ._calls import (
-    CACHE_NAMES,
     ROOT,
     CallNames,
     bind,
@@ -47,13 +39,51 @@ from ._calls import (
     one_target,
     path_of,
     sequence,
-    takes_cache,
 )
+from ._prefix_cache import (
+    KEEPS_CACHE,
+    InFlight,
+    Layout,
+    checkpointed,
+    fill,
+    handing_sites,
+    readers,
+    replayed_cache,
+)
+from ._prefix_geometry import geometry
 
 MLP = ("prefix_embedding", "mlp_in", "mlp_in_bias", "mlp_out", "mlp_out_bias")
 DISCARDED = "_deltahooks_discarded"  # on a cache made for a call with use_cache=False
-# transformers' checkpointed layers drop the cache unless this is true on the layer
-KEEPS_CACHE = "_can_checkpoint_with_cache"
+
+
+def final_prefixes(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``num_tokens × (layers · 2 · kv)``: stored directly, or the MLP of the embedding."""
+    if len(tensors) == 1:
+        return tensors[0]
+    embedding, w_in, b_in, w_out, b_out = tensors
+    return F.linear(torch.tanh(F.linear(embedding, w_in, b_in)), w_out, b_out)
+
+
+def layer_prefixes(tensors: tuple[torch.Tensor, ...], layer: int, width: int) -> torch.Tensor:
+    """One layer's ``num_tokens × width`` slice of :func:`final_prefixes`, computed alone."""
+    columns = slice(width * layer, width * (layer + 1))
+    if len(tensors) == 1:
+        return tensors[0][:, columns]
+    embedding, w_in, b_in, w_out, b_out = tensors
+    return F.linear(torch.tanh(F.linear(embedding, w_in, b_in)), w_out[columns], b_out[columns])
+
+
+@torch.no_grad()
+def initialise(tensors: dict[str, torch.Tensor]) -> None:
+    """As PEFT: embeddings (or direct prefixes) N(0, 1); linear layers as ``nn.Linear``."""
+    for name, tensor in tensors.items():
+        if name in ("prefix_embedding", "prefixes"):
+            nn.init.normal_(tensor)
+        elif name in ("mlp_in", "mlp_out"):
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+        else:
+            fan_in = tensors["mlp_in" if name == "mlp_in_bias" else "mlp_out"].shape[1]
+            nn.init.uniform_(tensor, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
 
 @register_method
@@ -137,15 +167,15 @@ class PrefixTuning(DeltaSpec):
     hidden: int = 512
 
     def validate(self) -> None:
-        validate.positive_int("PrefixTuning", "num_tokens", self.num_tokens, example=20)
-        validate.flag("PrefixTuning", "reparameterize", self.reparameterize)
-        validate.positive_int("PrefixTuning", "hidden", self.hidden, example=512)
+        validate.positive_int(self, "num_tokens", self.num_tokens, example=20)
+        validate.flag(self, "reparameterize", self.reparameterize)
+        validate.positive_int(self, "hidden", self.hidden, example=512)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         geometry(path, module)
 
     def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
-        one_target("PrefixTuning", targets)
+        one_target(self, targets)
 
     def make_part(
         self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
@@ -161,7 +191,7 @@ class PrefixTuning(DeltaSpec):
             tensors = {name: torch.empty(shape, **like) for name, shape in zip(MLP, shapes)}
         else:
             tensors = {"prefixes": torch.empty(self.num_tokens, flat, **like)}
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             initialise(tensors)
         transformers = sys.modules["transformers"]
         caches = (transformers.DynamicCache, transformers.EncoderDecoderCache)
@@ -196,400 +226,7 @@ class PrefixTuning(DeltaSpec):
         return replace(self, reparameterize=False), stored
 
 
-# ------------------------------------------------------------------ attach-time checks
-class Shape(NamedTuple):
-    """What each attention layer writes to its cache per position, as the model writes it.
-
-    ``heads × key_dim`` keys and ``heads × value_dim`` values: the key/value heads and head
-    size for most models, one head for multi-query attention (Falcon-7B), compressed
-    latents for multi-head latent attention (DeepSeek-V3 caches its key/value latent as
-    "keys" and its rotary key as "values").
-    """
-
-    layers: int
-    heads: int
-    key_dim: int
-    value_dim: int
-
-
-class Layout(NamedTuple):
-    layers: int
-    heads: int
-    key_dim: int
-    value_dim: int
-    encoder_decoder: bool
-
-
-def geometry(path: str, module: nn.Module) -> tuple[Shape, nn.Module]:
-    """``(shape, callee)`` of a transformers model, or why it cannot hold prefixes.
-
-    ``callee`` is the module whose call gets the cache: the model, or its backbone. The
-    shape is what the model's own layers write to a cache (:func:`probe_shape`, on a
-    weightless twin), else read from the config's standard names; the cache transformers
-    builds from the same config must hold full-attention layers only, one per layer.
-    """
-    where = f"{path or '<root>'!r} ({type(module).__name__})"
-    transformers = sys.modules.get("transformers")
-    config = getattr(module, "config", None)
-    if transformers is None or config is None:
-        raise UnsupportedModuleError(
-            f"PrefixTuning works through transformers' cache API, and {where} is not a "
-            "transformers model (it has no config); target the transformers model"
-        )
-    # the model itself where its forward names the cache (a head may call its backbone's
-    # inner modules directly, as OPTForCausalLM calls model.decoder), else its backbone (a
-    # classification head whose forward does not name the cache)
-    backbone = getattr(module, "base_model", None)
-    callee = module if takes_cache(module) else backbone
-    if not isinstance(callee, nn.Module) or not takes_cache(callee):
-        raise UnsupportedModuleError(
-            f"PrefixTuning needs {where} or its base_model to take a cache (an argument named "
-            f"{' or '.join(CACHE_NAMES)}), and neither forward does; this model cannot hold "
-            "prefixes"
-        )
-    decoder = config
-    if is_encoder_decoder(module) and callable(getattr(module, "get_decoder", None)):
-        decoder = getattr(module.get_decoder(), "config", config)
-    if callable(getattr(decoder, "get_text_config", None)):
-        decoder = decoder.get_text_config(decoder=True)
-    try:
-        kinds = [type(layer) for layer in transformers.DynamicCache(config=decoder).layers]
-    except (AttributeError, TypeError, ValueError, KeyError) as err:
-        raise UnsupportedModuleError(
-            f"PrefixTuning cannot build a transformers cache from the config of {where} ({err}); "
-            "this model is not supported"
-        ) from None
-    declared = getattr(decoder, "num_hidden_layers", None)
-    layers = len(kinds) or declared
-    odd = sorted({kind.__name__ for kind in kinds if kind is not transformers.DynamicLayer})
-    if odd or (kinds and isinstance(declared, int) and len(kinds) != declared):
-        raise UnsupportedModuleError(
-            f"PrefixTuning needs every attention layer of {where} to keep a full-attention "
-            f"cache (DynamicLayer), but its cache has {odd or f'{len(kinds)} layers for {declared}'}"
-            " (sliding windows, linear attention or state-space layers, shared keys/values); "
-            "this model has no full-attention cache for prefixes to go into. PromptTuning "
-            "works on it instead"
-        )
-    shape = probed(callee, layers) or config_shape(decoder)
-    if shape is None:
-        raise UnsupportedModuleError(
-            f"PrefixTuning cannot tell the key/value shape of {where}: a weightless copy of it "
-            "did not run, and its config lacks num_hidden_layers, num_attention_heads (and "
-            "num_key_value_heads, head_dim or hidden_size); this model is not supported"
-        )
-    return shape, callee
-
-
-def config_shape(config) -> Shape | None:
-    """The standard config names: key/value heads × head size (keys and values alike)."""
-    layers = getattr(config, "num_hidden_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None)
-    if not head_dim and isinstance(heads, int) and heads:
-        head_dim = getattr(config, "hidden_size", 0) // heads
-    if not all(isinstance(n, int) and n > 0 for n in (layers, heads, kv_heads, head_dim)):
-        return None
-    return Shape(layers, kv_heads, head_dim, head_dim)
-
-
-class Probed(Exception):
-    """Stops a probe once every layer has written to its cache."""
-
-
-PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def probed(callee: nn.Module, layers) -> Shape | None:
-    """:func:`probe_shape`, once per model and config (attach checks, then builds)."""
-    try:
-        key = (layers, callee.config.to_json_string())
-    except (AttributeError, TypeError, ValueError):
-        return probe_shape(callee, call_names(callee), layers)
-    known = PROBED.get(callee)
-    if known is None or known[0] != key:
-        known = PROBED[callee] = (key, probe_shape(callee, call_names(callee), layers))
-    return known[1]
-
-
-def probe_shape(callee: nn.Module, names: CallNames, layers) -> Shape | None:
-    """Run a weightless twin of ``callee`` (built from its config under torch's fake
-    tensors, else on the meta device) on one token and record what each layer writes to
-    the cache: the model's own answer, whatever its config calls it and however this
-    transformers release lays the cache out.
-
-    The model itself is not touched. ``None`` where no twin runs far enough to write to the
-    cache (a model that does data-dependent work before its first attention layer).
-    """
-    transformers = sys.modules["transformers"]
-    if not isinstance(layers, int) or layers <= 0 or names.cache is None:
-        return None
-    written: dict[int, tuple[torch.Size, torch.Size]] = {}
-
-    class Recorder(transformers.DynamicCache):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            written[layer_idx] = (key_states.shape, value_states.shape)
-            if len(written) == layers:
-                raise Probed
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    for run in (fake_run, meta_run):
-        written.clear()
-        run(callee, names, Recorder)
-        shapes = {(k[1], k[3], v[1], v[3]) for k, v in written.values() if len(k) == len(v) == 4}
-        if len(shapes) == 1:  # layers that differ (or none seen): the config's shape, if any
-            heads, key_dim, value_heads, value_dim = shapes.pop()
-            if heads == value_heads:
-                return Shape(layers, heads, key_dim, value_dim)
-    return None
-
-
-def twin_call(callee: nn.Module, names: CallNames, recorder: type, device) -> None:
-    """Build ``callee``'s twin and call it on one token with a ``recorder`` cache."""
-    transformers = sys.modules["transformers"]
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    kwargs = {"input_ids": token, "use_cache": True}
-    if is_encoder_decoder(callee):
-        cache = transformers.EncoderDecoderCache(recorder(), transformers.DynamicCache())
-        kwargs["decoder_input_ids"] = token
-    else:
-        cache = recorder()
-    names.set_cache(kwargs, cache)
-    config = copy.deepcopy(callee.config)
-    with contextlib.suppress(AttributeError, TypeError, ValueError):
-        config._attn_implementation = "eager"  # flash kernels need a real GPU tensor
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        twin = type(callee)(config).eval()
-    with torch.no_grad():
-        twin(**kwargs)
-
-
-def quietly(run):
-    """Run a twin with transformers' and torch's own logging held back: their complaints
-    about a twin are not the user's; any failure means "ask the config"."""
-
-    def quiet(*args) -> None:
-        transformers = sys.modules["transformers"]
-        level = transformers.logging.get_verbosity()
-        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-        fake_level = fake_log.level
-        transformers.logging.set_verbosity_error()
-        fake_log.setLevel(logging.CRITICAL)
-        try:
-            with torch.random.fork_rng(devices=[]):  # the twin's init draws nothing for real
-                run(*args)
-        except Probed:
-            pass
-        except Exception:  # any failure of the twin: what it recorded so far, if anything
-            pass
-        finally:
-            transformers.logging.set_verbosity(level)
-            fake_log.setLevel(fake_level)
-
-    return quiet
-
-
-@quietly
-def fake_run(callee: nn.Module, names: CallNames, recorder: type) -> None:
-    """The twin on fake CPU tensors: shapes without memory, and a real device type."""
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        twin_call(callee, names, recorder, "cpu")
-
-
-@quietly
-def meta_run(callee: nn.Module, names: CallNames, recorder: type) -> None:
-    with torch.device("meta"):
-        twin_call(callee, names, recorder, "meta")
-
-
-@torch.no_grad()
-def initialise(tensors: dict[str, torch.Tensor]) -> None:
-    """As PEFT: embeddings (or direct prefixes) N(0, 1); linear layers as ``nn.Linear``."""
-    for name, tensor in tensors.items():
-        if name in ("prefix_embedding", "prefixes"):
-            nn.init.normal_(tensor)
-        elif name in ("mlp_in", "mlp_out"):
-            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-        else:
-            fan_in = tensors["mlp_in" if name == "mlp_in_bias" else "mlp_out"].shape[1]
-            nn.init.uniform_(tensor, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-
-
 # ----------------------------------------------------------------------- the call rewrite
-def final_prefixes(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """``num_tokens × (layers · 2 · kv)``: stored directly, or the MLP of the embedding."""
-    if len(tensors) == 1:
-        return tensors[0]
-    embedding, w_in, b_in, w_out, b_out = tensors
-    return F.linear(torch.tanh(F.linear(embedding, w_in, b_in)), w_out, b_out)
-
-
-def checkpointed(module: nn.Module) -> bool:
-    """Whether transformers will checkpoint (and so replay) some layer of ``module``."""
-    return module.training and any(
-        getattr(m, "gradient_checkpointing", False) is True for m in module.modules()
-    )
-
-
-def readers(path: str, module: nn.Module) -> tuple[str, ...]:
-    """Paths of the layers that drop a cache under checkpointing unless told it is replayable.
-
-    transformers' ``GradientCheckpointingLayer`` drops the cache argument for a
-    checkpointed call unless the layer's ``_can_checkpoint_with_cache`` is true. The cache
-    a checkpointed training call gets from us (:class:`ReplayedPrefixes`) stores nothing,
-    so replaying a layer in the backward pass reads the same prefixes again: safe to keep.
-    """
-    return tuple(
-        join(path, name)
-        for name, sub in module.named_modules()
-        if getattr(type(sub), KEEPS_CACHE, True) is False
-    )
-
-
-class InFlight:
-    """The cache of the last checkpointed training call, for layers the model skips.
-
-    Kept until the next call of the model: the backward pass replays checkpointed layers
-    after the call has returned, and transformers before 5.23 runs a layer's hooks (so
-    :func:`hand_cache`) inside that replay. It holds only the prefixes, as views of the
-    delta's tensors, and stores none of the call's keys or values.
-    """
-
-    def __init__(self) -> None:
-        self.cache = None
-
-    def set(self, cache) -> None:
-        self.cache = cache
-
-    def get(self):
-        return self.cache
-
-    def __reduce__(self):
-        return (InFlight, ())
-
-
-def handing_sites(root: nn.Module, paths: tuple[str, ...], in_flight: InFlight) -> list:
-    """A call site on each layer that takes a cache, to hand it the call's cache if skipped.
-
-    A model may itself pass its layers no cache while checkpointing (GPT-2 does); with
-    these, every layer that takes one gets the replayed prefixes all the same.
-    """
-    sites = []
-    for path in paths:
-        names = call_names(root.get_submodule(path))
-        if names.cache is not None and names.cache in names.positional:
-            position = names.positional.index(names.cache)
-            hand = partial(hand_cache, in_flight, names.cache, position)
-            sites.append(RootCallSite(hand, (), path))
-    return sites
-
-
-def hand_cache(in_flight: InFlight, name: str, position: int, layer, args, kwargs, tensors):
-    """Pass the call's replayed cache to a checkpointed layer the model gave none."""
-    if not (layer.training and getattr(layer, "gradient_checkpointing", False) is True):
-        return None  # the call as it is
-    cache = in_flight.get()
-    if cache is None:
-        return None
-    if position < len(args):
-        if args[position] is None:
-            args = (*args[:position], cache, *args[position + 1 :])
-    elif kwargs.get(name) is None:
-        kwargs[name] = cache
-    return args, kwargs
-
-
-def layer_prefixes(tensors: tuple[torch.Tensor, ...], layer: int, width: int) -> torch.Tensor:
-    """One layer's ``num_tokens × width`` slice of :func:`final_prefixes`, computed alone."""
-    columns = slice(width * layer, width * (layer + 1))
-    if len(tensors) == 1:
-        return tensors[0][:, columns]
-    embedding, w_in, b_in, w_out, b_out = tensors
-    return F.linear(torch.tanh(F.linear(embedding, w_in, b_in)), w_out[columns], b_out[columns])
-
-
-def split(prefixes: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's ``count × width`` → keys ``heads × count × key_dim`` and values
-    ``heads × count × value_dim`` (keys first in each layer's columns, as PEFT lays them out).
-    """
-    count, heads = prefixes.shape[0], layout.heads
-    keys, values = prefixes.split((heads * layout.key_dim, heads * layout.value_dim), dim=-1)
-    keys = keys.view(count, heads, layout.key_dim).transpose(0, 1)
-    values = values.view(count, heads, layout.value_dim).transpose(0, 1)
-    return keys, values
-
-
-def width_of(layout: Layout) -> int:
-    return layout.heads * (layout.key_dim + layout.value_dim)
-
-
-def fill(own, prefixes: torch.Tensor, layout: Layout, batch: int, update) -> None:
-    """Write every layer's prefixes into the cache ``own`` through ``update``."""
-    width = width_of(layout)
-    for layer in range(layout.layers):
-        key, value = split(prefixes[:, width * layer : width * (layer + 1)], layout)
-        update(own, expand(key, batch), expand(value, batch), layer)
-
-
-def expand(states: torch.Tensor, batch: int) -> torch.Tensor:
-    return states.unsqueeze(0).expand(batch, *states.shape)
-
-
-@cache
-def replay_classes(dynamic: type) -> tuple[type, type]:
-    """The two caches of a checkpointed training call, made once per ``DynamicCache`` class.
-
-    Checkpointing runs a layer twice (forward, then again in backward), so a cache that
-    grows would hold the real tokens twice by the replay. ``ReplayedPrefixes`` answers
-    every ``update`` with the layer's prefixes (recomputed from the delta's tensors, so
-    reentrant checkpointing, which replays with grad on, differentiates them within the
-    layer) followed by the new keys and values, and keeps nothing; its layers hold the
-    prefixes without grad, for the mask sizes and any code that reads them directly.
-    ``PassThrough`` is the cross-attention cache of an encoder-decoder: it keeps nothing
-    either, so the replay recomputes cross-attention keys from the encoder's output.
-    """
-
-    class ReplayedPrefixes(dynamic):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            self.updated.add(layer_idx)
-            layout, batch = self.layout, key_states.shape[0]
-            own = layer_prefixes(self.tensors, layer_idx, width_of(layout))
-            key, value = split(own, layout)
-            key = expand(key.to(key_states.dtype), batch)
-            value = expand(value.to(value_states.dtype), batch)
-            return torch.cat((key, key_states), -2), torch.cat((value, value_states), -2)
-
-    class PassThrough(dynamic):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return key_states, value_states
-
-    return ReplayedPrefixes, PassThrough
-
-
-class Forgetful(dict):
-    """An ``is_updated`` map that never records a cross-attention cache as filled."""
-
-    def __setitem__(self, key, value) -> None:
-        pass
-
-
-def replayed_cache(caches: tuple[type, type], layout: Layout, tensors, batch: int):
-    """The cache of a checkpointed training call (see :func:`replay_classes`)."""
-    dynamic, encoder_decoder_cache = caches
-    replayed_prefixes, pass_through = replay_classes(dynamic)
-    own = replayed_prefixes()
-    own.tensors, own.layout, own.updated = tensors, layout, set()
-    with torch.no_grad():
-        prefixes = final_prefixes(tensors)
-    fill(own, prefixes, layout, batch, dynamic.update)
-    if not layout.encoder_decoder:
-        return own, own
-    whole = encoder_decoder_cache(own, pass_through())
-    whole.is_updated = Forgetful()
-    return whole, own
-
-
 def decoder_sequence(kwargs: dict) -> torch.Tensor | None:
     """An encoder-decoder call's decoder input (labels stand in: the model shifts them)."""
     for name in ("decoder_input_ids", "decoder_inputs_embeds", "labels"):
@@ -647,7 +284,11 @@ def prefix_call(
                 "checkpointing (the backward pass would replay the layers' writes to it); call "
                 "without a cache, or use model.eval() for generation"
             )
-        cache, own = replayed_cache(caches, layout, tensors, step.shape[0])
+        with torch.no_grad():
+            prefixes = final_prefixes(tensors)
+        cache, own = replayed_cache(
+            caches, layout, prefixes, partial(layer_prefixes, tensors), step.shape[0]
+        )
         setattr(cache, DISCARDED, True)
         in_flight.set(cache)
         hand_over(names, kwargs, cache)

@@ -27,6 +27,7 @@ from ..ledger import join
 from ..sites import RootCallSite, first_tensor
 from ..spec import DeltaSpec, DeviceLike, Part, register_method
 from ..targets import Target
+from ..validate import name_of
 from ._calls import (
     EMBEDS_NAMES,
     ROOT,
@@ -44,206 +45,6 @@ from ._calls import (
 
 INITS = ("random", "vocab", "text")
 IGNORE_INDEX = -100  # transformers' loss ignores these label positions
-
-
-@register_method
-@dataclass(frozen=True, kw_only=True)
-class PromptTuning(DeltaSpec):
-    """Learned "soft prompt" embeddings prepended to every input sequence.
-
-    Prompt tuning (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt
-    Tuning"; PEFT ``PromptTuningConfig``): ``num_tokens`` vectors of the model's embedding
-    width are trained and put in front of the embedded input; the model itself is frozen
-    and unchanged. Works on transformers models that have ``get_input_embeddings()`` and
-    accept ``inputs_embeds``: decoder-only (GPT-2, Llama, OPT, ...), encoder-only (BERT)
-    and encoder-decoder (T5: the prompt goes in front of the encoder input), including
-    ``model.generate()`` with the default dynamic cache. Outputs keep the prompt's
-    positions, as PEFT's do: a causal LM's logits have ``num_tokens + length`` positions,
-    the first ``num_tokens`` of them belonging to the prompt. ``delta.merge()`` raises
-    :class:`deltahooks.UnsupportedOperationError` (a prompt is an input, not a change of
-    weights). Every argument is keyword-only and checked when the spec is created.
-
-    The inputs that run along the sequence are extended to match: a 2-D
-    ``attention_mask`` gets ones for the prompt; ``position_ids``, when given, get
-    ``0..num_tokens-1`` for the prompt and the given ones shifted up by ``num_tokens``
-    (PEFT drops given position ids instead; both agree when they count from 0);
-    ``token_type_ids`` get zeros; integer ``labels`` as long as the input (causal-LM or
-    token labels) get ``-100``, so the prompt adds no loss. Other labels (a class per
-    sequence, decoder labels) are left alone. A call with a non-empty cache continues a
-    sequence that already holds the prompt, so it gets no second one. Masks that are not
-    2-D (a static cache's 4-D masks) raise :class:`deltahooks.DeltaStateError`.
-
-    Args:
-        targets: the module whose call gets the prompt: it must have
-            ``get_input_embeddings()`` and take ``inputs_embeds``. Default: the model root
-            (``dh.Paths([""])``), so ``dh.PromptTuning(num_tokens=8)`` works as is. Exactly
-            one module; PEFT has no such option (it wraps the whole model).
-        exclude: modules to leave out of ``targets``, same syntax. Default ``None``.
-        num_tokens: how many prompt vectors, a positive integer. Default ``20``. Paper:
-            prompt length; PEFT: ``num_virtual_tokens``. The delta has ``num_tokens ·
-            hidden`` parameters; the model sees ``num_tokens`` more positions, so
-            ``num_tokens + length`` must fit its position limit.
-        init: how the prompt starts. ``"random"``: normal with the standard deviation of
-            the embedding matrix, so the prompt has the scale of real token embeddings
-            (PEFT ``RANDOM`` draws N(0, 1); Lester et al. draw uniform in [-0.5, 0.5]).
-            ``"vocab"``: rows of the embedding matrix at token ids drawn uniformly from
-            the vocabulary (PEFT ``SAMPLE_VOCAB``; Lester et al. draw from the 5,000 most
-            common tokens). ``"text"``: the embeddings of ``init_text`` (PEFT ``TEXT``).
-            Default ``"random"``. Draws use torch's global generator
-            (``torch.manual_seed`` makes them repeatable).
-        init_text: the token ids whose embeddings start the prompt when ``init="text"``:
-            a non-empty list of non-negative integers below the vocabulary size, e.g.
-            ``tokenizer("Classify the sentiment:")["input_ids"]`` (deltahooks has no
-            tokenizer; PEFT's ``prompt_tuning_init_text`` is a string it tokenizes). As
-            PEFT does, the ids are repeated when there are fewer than ``num_tokens`` and cut
-            when there are more. Required with ``init="text"`` and refused otherwise.
-            Default ``None``.
-
-    Example:
-        >>> import torch, transformers, deltahooks as dh
-        >>> config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)
-        >>> model = transformers.GPT2LMHeadModel(config).eval()
-        >>> delta = dh.attach(model, dh.PromptTuning(num_tokens=4))
-        >>> list(delta.state_dict()), tuple(delta.state_dict()["prompt_embeddings"].shape)
-        (['prompt_embeddings'], (4, 16))
-        >>> ids = torch.tensor([[1, 2, 3]])
-        >>> model(input_ids=ids).logits.shape  # the prompt's positions are kept, as in PEFT
-        torch.Size([1, 7, 50])
-    """
-
-    method = "prompt_tuning"
-    targets: Target = ROOT
-    num_tokens: int = 20
-    init: Literal["random", "vocab", "text"] = "random"
-    init_text: list[int] | None = None
-
-    def validate(self) -> None:
-        validate.positive_int("PromptTuning", "num_tokens", self.num_tokens, example=20)
-        validate.one_of("PromptTuning", "init", self.init, INITS)
-        check_init_text("PromptTuning", self.init, self.init_text)
-
-    def check_module(self, path: str, module: nn.Module) -> None:
-        check_embeddings("PromptTuning", path, module)
-        if is_encoder_decoder(module):
-            encoder = encoder_of("PromptTuning", path, module)
-            takes_inputs_embeds("PromptTuning", f"the encoder of {path or '<root>'!r}", encoder)
-        else:
-            takes_inputs_embeds("PromptTuning", repr(path or "<root>"), module)
-
-    def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
-        one_target("PromptTuning", targets)
-
-    def make_part(
-        self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
-    ) -> Part:
-        weight = module.get_input_embeddings().weight
-        like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
-        prompt = torch.empty(self.num_tokens, weight.shape[1], **like)
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
-            initialise(prompt, weight, self.init, self.init_text)
-        names = ("prompt_embeddings",)
-        if is_encoder_decoder(module):
-            encoder = module.get_encoder()
-            at = join(path, path_of(module, encoder))
-            sites = [
-                RootCallSite(
-                    partial(extend_cross_mask, self.num_tokens, call_names(module)), (), path
-                ),
-                RootCallSite(partial(prompt_encoder, call_names(encoder)), names, at),
-            ]
-        else:
-            sites = [RootCallSite(partial(prompt_call, call_names(module)), names, path)]
-        return Part(
-            path,
-            {"prompt_embeddings": prompt},
-            sites,
-            cannot_merge="a prompt is part of the input, not a change of weights",
-        )
-
-
-# ------------------------------------------------------------------ attach-time checks
-def check_init_text(owner: str, init: str, init_text: object) -> None:
-    if init != "text":
-        if init_text is not None:
-            raise SpecError(
-                f"{owner} init_text is used only with init='text' (init={init!r}); "
-                "pass init='text' or drop init_text"
-            )
-        return
-    if isinstance(init_text, str):
-        raise SpecError(
-            f"{owner} init_text must be token ids, not text (deltahooks has no tokenizer): "
-            "pass init_text=tokenizer(text)['input_ids']"
-        )
-    if (
-        not isinstance(init_text, (list, tuple))
-        or not init_text
-        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in init_text)
-    ):
-        raise SpecError(
-            f"{owner} init='text' needs init_text, a non-empty list of token ids "
-            f"(non-negative integers), e.g. init_text=[464, 3290]; got {init_text!r}"
-        )
-
-
-def check_embeddings(owner: str, path: str, module: nn.Module) -> None:
-    """The target must say where its token embeddings are."""
-    getter = getattr(module, "get_input_embeddings", None)
-    embedding = None
-    if callable(getter):
-        try:
-            embedding = getter()
-        except (NotImplementedError, AttributeError):
-            embedding = None
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise UnsupportedModuleError(
-            f"{owner} needs the module it prompts to have get_input_embeddings() returning an "
-            f"embedding layer, and {path or '<root>'!r} ({type(module).__name__}) has none; "
-            "target the transformers model (the root, the default) or a module that has one"
-        )
-
-
-def takes_inputs_embeds(owner: str, where: str, module: nn.Module) -> None:
-    if call_names(module).embeds not in inspect.signature(module.forward).parameters:
-        raise UnsupportedModuleError(
-            f"{owner} feeds embeddings to {where} ({type(module).__name__}), but its forward "
-            f"takes no embeddings argument (looked for {' or '.join(EMBEDS_NAMES)}); this model "
-            "cannot be prompted through embeddings"
-        )
-
-
-def encoder_of(owner: str, path: str, module: nn.Module) -> nn.Module:
-    getter = getattr(module, "get_encoder", None)
-    encoder = getter() if callable(getter) else None
-    if not isinstance(encoder, nn.Module) or encoder is module:
-        raise UnsupportedModuleError(
-            f"{owner}: {path or '<root>'!r} ({type(module).__name__}) is an encoder-decoder "
-            "model without get_encoder(), so the prompt has no encoder input to go in front of"
-        )
-    path_of(module, encoder)
-    return encoder
-
-
-@torch.no_grad()
-def initialise(prompt: torch.Tensor, weight: torch.Tensor, init: str, init_text) -> None:
-    vocab = weight.shape[0]
-    if init == "random":
-        std = float(weight.float().std()) if weight.numel() > 1 else 1.0
-        nn.init.normal_(prompt, std=std if math.isfinite(std) and std > 0 else 1.0)
-        return
-    if init == "vocab":
-        ids = torch.randint(0, vocab, (prompt.shape[0],))
-    else:
-        too_big = [i for i in init_text if i >= vocab]
-        if too_big:
-            raise SpecError(
-                f"init_text holds token ids {too_big[:5]} outside the vocabulary of {vocab}; "
-                "tokenize init_text with this model's tokenizer"
-            )
-        repeats = -(-prompt.shape[0] // len(init_text))
-        ids = torch.tensor((list(init_text) * repeats)[: prompt.shape[0]])
-    prompt.copy_(weight[ids.to(weight.device)])
 
 
 # ----------------------------------------------------------------------- the call rewrites
@@ -338,3 +139,203 @@ def extend_cross_mask(
     if names.mask in kwargs:
         kwargs[names.mask] = extend_mask(kwargs[names.mask], count, total)
     return (), kwargs
+
+
+@torch.no_grad()
+def initialise(prompt: torch.Tensor, weight: torch.Tensor, init: str, init_text) -> None:
+    vocab = weight.shape[0]
+    if init == "random":
+        std = float(weight.float().std()) if weight.numel() > 1 else 1.0
+        nn.init.normal_(prompt, std=std if math.isfinite(std) and std > 0 else 1.0)
+        return
+    if init == "vocab":
+        ids = torch.randint(0, vocab, (prompt.shape[0],))
+    else:
+        too_big = [i for i in init_text if i >= vocab]
+        if too_big:
+            raise SpecError(
+                f"init_text holds token ids {too_big[:5]} outside the vocabulary of {vocab}; "
+                "tokenize init_text with this model's tokenizer"
+            )
+        repeats = -(-prompt.shape[0] // len(init_text))
+        ids = torch.tensor((list(init_text) * repeats)[: prompt.shape[0]])
+    prompt.copy_(weight[ids.to(weight.device)])
+
+
+# ------------------------------------------------------------------ attach-time checks
+def check_init_text(owner: object, init: str, init_text: object) -> None:
+    if init != "text":
+        if init_text is not None:
+            raise SpecError(
+                f"{name_of(owner)} init_text is used only with init='text' (init={init!r}); "
+                "pass init='text' or drop init_text"
+            )
+        return
+    if isinstance(init_text, str):
+        raise SpecError(
+            f"{name_of(owner)} init_text must be token ids, not text (deltahooks has no tokenizer): "
+            "pass init_text=tokenizer(text)['input_ids']"
+        )
+    if (
+        not isinstance(init_text, (list, tuple))
+        or not init_text
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in init_text)
+    ):
+        raise SpecError(
+            f"{name_of(owner)} init='text' needs init_text, a non-empty list of token ids "
+            f"(non-negative integers), e.g. init_text=[464, 3290]; got {init_text!r}"
+        )
+
+
+def check_embeddings(owner: object, path: str, module: nn.Module) -> None:
+    """The target must say where its token embeddings are."""
+    getter = getattr(module, "get_input_embeddings", None)
+    embedding = None
+    if callable(getter):
+        try:
+            embedding = getter()
+        except (NotImplementedError, AttributeError):
+            embedding = None
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise UnsupportedModuleError(
+            f"{name_of(owner)} needs the module it prompts to have get_input_embeddings() returning an "
+            f"embedding layer, and {path or '<root>'!r} ({type(module).__name__}) has none; "
+            "target the transformers model (the root, the default) or a module that has one"
+        )
+
+
+def takes_inputs_embeds(owner: object, where: str, module: nn.Module) -> None:
+    if call_names(module).embeds not in inspect.signature(module.forward).parameters:
+        raise UnsupportedModuleError(
+            f"{name_of(owner)} feeds embeddings to {where} ({type(module).__name__}), but its forward "
+            f"takes no embeddings argument (looked for {' or '.join(EMBEDS_NAMES)}); this model "
+            "cannot be prompted through embeddings"
+        )
+
+
+def encoder_of(owner: object, path: str, module: nn.Module) -> nn.Module:
+    getter = getattr(module, "get_encoder", None)
+    encoder = getter() if callable(getter) else None
+    if not isinstance(encoder, nn.Module) or encoder is module:
+        raise UnsupportedModuleError(
+            f"{name_of(owner)}: {path or '<root>'!r} ({type(module).__name__}) is an encoder-decoder "
+            "model without get_encoder(), so the prompt has no encoder input to go in front of"
+        )
+    path_of(module, encoder)
+    return encoder
+
+
+@register_method
+@dataclass(frozen=True, kw_only=True)
+class PromptTuning(DeltaSpec):
+    """Learned "soft prompt" embeddings prepended to every input sequence.
+
+    Prompt tuning (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt
+    Tuning"; PEFT ``PromptTuningConfig``): ``num_tokens`` vectors of the model's embedding
+    width are trained and put in front of the embedded input; the model itself is frozen
+    and unchanged. Works on transformers models that have ``get_input_embeddings()`` and
+    accept ``inputs_embeds``: decoder-only (GPT-2, Llama, OPT, ...), encoder-only (BERT)
+    and encoder-decoder (T5: the prompt goes in front of the encoder input), including
+    ``model.generate()`` with the default dynamic cache. Outputs keep the prompt's
+    positions, as PEFT's do: a causal LM's logits have ``num_tokens + length`` positions,
+    the first ``num_tokens`` of them belonging to the prompt. ``delta.merge()`` raises
+    :class:`deltahooks.UnsupportedOperationError` (a prompt is an input, not a change of
+    weights). Every argument is keyword-only and checked when the spec is created.
+
+    The inputs that run along the sequence are extended to match: a 2-D
+    ``attention_mask`` gets ones for the prompt; ``position_ids``, when given, get
+    ``0..num_tokens-1`` for the prompt and the given ones shifted up by ``num_tokens``
+    (PEFT drops given position ids instead; both agree when they count from 0);
+    ``token_type_ids`` get zeros; integer ``labels`` as long as the input (causal-LM or
+    token labels) get ``-100``, so the prompt adds no loss. Other labels (a class per
+    sequence, decoder labels) are left alone. A call with a non-empty cache continues a
+    sequence that already holds the prompt, so it gets no second one. Masks that are not
+    2-D (a static cache's 4-D masks) raise :class:`deltahooks.DeltaStateError`.
+
+    Args:
+        targets: the module whose call gets the prompt: it must have
+            ``get_input_embeddings()`` and take ``inputs_embeds``. Default: the model root
+            (``dh.Paths([""])``), so ``dh.PromptTuning(num_tokens=8)`` works as is. Exactly
+            one module; PEFT has no such option (it wraps the whole model).
+        exclude: modules to leave out of ``targets``, same syntax. Default ``None``.
+        num_tokens: how many prompt vectors, a positive integer. Default ``20``. Paper:
+            prompt length; PEFT: ``num_virtual_tokens``. The delta has ``num_tokens ·
+            hidden`` parameters; the model sees ``num_tokens`` more positions, so
+            ``num_tokens + length`` must fit its position limit.
+        init: how the prompt starts. ``"random"``: normal with the standard deviation of
+            the embedding matrix, so the prompt has the scale of real token embeddings
+            (PEFT ``RANDOM`` draws N(0, 1); Lester et al. draw uniform in [-0.5, 0.5]).
+            ``"vocab"``: rows of the embedding matrix at token ids drawn uniformly from
+            the vocabulary (PEFT ``SAMPLE_VOCAB``; Lester et al. draw from the 5,000 most
+            common tokens). ``"text"``: the embeddings of ``init_text`` (PEFT ``TEXT``).
+            Default ``"random"``. Draws use torch's global generator
+            (``torch.manual_seed`` makes them repeatable).
+        init_text: the token ids whose embeddings start the prompt when ``init="text"``:
+            a non-empty list of non-negative integers below the vocabulary size, e.g.
+            ``tokenizer("Classify the sentiment:")["input_ids"]`` (deltahooks has no
+            tokenizer; PEFT's ``prompt_tuning_init_text`` is a string it tokenizes). As
+            PEFT does, the ids are repeated when there are fewer than ``num_tokens`` and cut
+            when there are more. Required with ``init="text"`` and refused otherwise.
+            Default ``None``.
+
+    Example:
+        >>> import torch, transformers, deltahooks as dh
+        >>> config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)
+        >>> model = transformers.GPT2LMHeadModel(config).eval()
+        >>> delta = dh.attach(model, dh.PromptTuning(num_tokens=4))
+        >>> list(delta.state_dict()), tuple(delta.state_dict()["prompt_embeddings"].shape)
+        (['prompt_embeddings'], (4, 16))
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> model(input_ids=ids).logits.shape  # the prompt's positions are kept, as in PEFT
+        torch.Size([1, 7, 50])
+    """
+
+    method = "prompt_tuning"
+    targets: Target = ROOT
+    num_tokens: int = 20
+    init: Literal["random", "vocab", "text"] = "random"
+    init_text: list[int] | None = None
+
+    def validate(self) -> None:
+        validate.positive_int(self, "num_tokens", self.num_tokens, example=20)
+        validate.one_of(self, "init", self.init, INITS)
+        check_init_text(self, self.init, self.init_text)
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        check_embeddings(self, path, module)
+        if is_encoder_decoder(module):
+            encoder = encoder_of(self, path, module)
+            takes_inputs_embeds(self, f"the encoder of {path or '<root>'!r}", encoder)
+        else:
+            takes_inputs_embeds(self, repr(path or "<root>"), module)
+
+    def check_targets(self, targets: list[tuple[str, nn.Module]]) -> None:
+        one_target(self, targets)
+
+    def make_part(
+        self, path: str, module: nn.Module, root: nn.Module, *, device: DeviceLike = None
+    ) -> Part:
+        weight = module.get_input_embeddings().weight
+        like = {"device": weight.device if device is None else device, "dtype": weight.dtype}
+        prompt = torch.empty(self.num_tokens, weight.shape[1], **like)
+        if self.real_build(device):
+            initialise(prompt, weight, self.init, self.init_text)
+        names = ("prompt_embeddings",)
+        if is_encoder_decoder(module):
+            encoder = module.get_encoder()
+            at = join(path, path_of(module, encoder))
+            sites = [
+                RootCallSite(
+                    partial(extend_cross_mask, self.num_tokens, call_names(module)), (), path
+                ),
+                RootCallSite(partial(prompt_encoder, call_names(encoder)), names, at),
+            ]
+        else:
+            sites = [RootCallSite(partial(prompt_call, call_names(module)), names, path)]
+        return Part(
+            path,
+            {"prompt_embeddings": prompt},
+            sites,
+            cannot_merge="a prompt is part of the input, not a change of weights",
+        )

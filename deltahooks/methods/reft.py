@@ -53,6 +53,84 @@ def parse_positions(positions: object) -> tuple[int, int]:
     return first, last
 
 
+def rotation(raw: torch.Tensor) -> torch.Tensor:
+    """``R`` (rank × hidden, orthonormal rows) from its stored ``hidden × rank`` tensor.
+
+    torch's Householder map (``orthogonal(..., orthogonal_map="householder",
+    use_trivialization=False)``): the entries below the diagonal of ``raw`` are the
+    Householder vectors and the signs of its diagonal flip columns. A diagonal entry
+    counts as ``+1`` unless negative (torch truncates it to an int, so weight decay
+    shrinking it below 1 would zero a row of ``R``); any ``raw`` gives orthonormal rows.
+    Computed in at least float32 (no Householder kernel for half precision).
+    """
+    exact = raw.to(torch.promote_types(raw.dtype, torch.float32))
+    vectors = exact.tril(-1)
+    tau = 2.0 / (1.0 + (vectors * vectors).sum(dim=-2))
+    q = torch.linalg.householder_product(vectors, tau)
+    signs = torch.where(exact.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+    return (q * signs.unsqueeze(-2)).mT
+
+
+@torch.no_grad()
+def householder_code(q: torch.Tensor) -> torch.Tensor:
+    """The ``raw`` tensor whose :func:`rotation` is ``q.T``, for ``q`` (hidden × rank)
+    with orthonormal columns: torch's ``right_inverse`` of the Householder map."""
+    code, tau = torch.geqrf(q)
+    diagonal = code.diagonal()
+    diagonal.sign_()
+    diagonal[tau == 0] *= -1  # LAPACK skips a reflection where tau is 0; the map always reflects
+    return code
+
+
+@torch.no_grad()
+def _initialise(raw: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, init: str) -> None:
+    # In float32 on the CPU: QR has no half-precision kernel, and one generator makes the
+    # start the same on every device.
+    q = torch.empty(raw.shape, dtype=torch.float32)
+    nn.init.orthogonal_(q)  # pyreft: LowRankRotateLayer(init_orth=True)
+    raw.copy_(householder_code(q))
+    if init == "identity":
+        weight.copy_(rotation(raw))
+        bias.zero_()
+        return
+    # pyreft's learned_source is an nn.Linear(hidden, rank): its default initialisation
+    w = torch.empty(weight.shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    bound = 1.0 / math.sqrt(weight.shape[1])
+    weight.copy_(w)
+    bias.copy_(torch.empty(bias.shape, dtype=torch.float32).uniform_(-bound, bound))
+
+
+def loreft(h: torch.Tensor, rotation_rows: torch.Tensor, weight, bias) -> torch.Tensor:
+    """``h + Rᵀ(Wh + b − Rh)``, with ``(W − R)h + b`` in one product (exactly zero for the
+    identity start, where ``W = R`` and ``b = 0``)."""
+    r = rotation_rows.to(h.dtype)
+    return h + F.linear(F.linear(h, weight - r, bias), r.mT)
+
+
+def intervene(first: int, last: int, dropout: float, module: nn.Module, x, y, tensors, writable):
+    """LoReFT on the first ``first`` and last ``last`` positions of dimension -2 of ``y``;
+    a position in both ranges is intervened once, the others are returned as they were."""
+    raw, weight, bias = tensors
+    if y.dim() < 2 or y.shape[-1] != weight.shape[1]:
+        raise UnsupportedModuleError(
+            f"ReFT needs a (..., sequence, {weight.shape[1]}) output, but "
+            f"{type(module).__name__} returned shape {tuple(y.shape)}; target a module whose "
+            "output is a sequence of hidden states, hidden last (not channels first)"
+        )
+    length = y.shape[-2]
+    head = min(first, length)
+    tail = min(last, length - head)
+    chosen = torch.cat([y[..., :head, :], y[..., length - tail :, :]], dim=-2)
+    new = loreft(chosen, rotation(raw), weight, bias)
+    if dropout:
+        new = F.dropout(new, dropout, module.training)
+    if head + tail == length:
+        return new
+    middle = y[..., head : length - tail, :]
+    return torch.cat([new[..., :head, :], middle, new[..., head:, :]], dim=-2)
+
+
 @register_method
 @dataclass(frozen=True, kw_only=True)
 class ReFT(DeltaSpec):
@@ -144,6 +222,7 @@ class ReFT(DeltaSpec):
     """
 
     method = "reft"
+    reads_weights = False
     positions: str = "f5+l5"
     rank: int = 4
     hidden_size: int | None = None
@@ -152,14 +231,10 @@ class ReFT(DeltaSpec):
 
     def validate(self) -> None:
         parse_positions(self.positions)
-        validate.positive_int("ReFT", "rank", self.rank, example=4)
-        validate.optional_positive_int("ReFT", "hidden_size", self.hidden_size, example=768)
-        validate.probability("ReFT", "dropout", self.dropout)
-        validate.one_of("ReFT", "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
+        validate.positive_int(self, "rank", self.rank, example=4)
+        validate.optional_positive_int(self, "hidden_size", self.hidden_size, example=768)
+        validate.probability(self, "dropout", self.dropout)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         known = output_width(module)
@@ -183,7 +258,7 @@ class ReFT(DeltaSpec):
         raw = torch.empty(width, self.rank, **opts)
         weight = torch.empty(self.rank, width, **opts)
         bias = torch.empty(self.rank, **opts)
-        if device is None:  # a real build; a plan (device="meta") needs shapes only
+        if self.real_build(device):
             _initialise(raw, weight, bias, self.init)
         first, last = parse_positions(self.positions)
         site = OutputSite(
@@ -197,81 +272,3 @@ class ReFT(DeltaSpec):
             cannot_merge="a ReFT intervention acts on chosen token positions only, which no "
             "change of weights can express",
         )
-
-
-def rotation(raw: torch.Tensor) -> torch.Tensor:
-    """``R`` (rank × hidden, orthonormal rows) from its stored ``hidden × rank`` tensor.
-
-    torch's Householder map (``orthogonal(..., orthogonal_map="householder",
-    use_trivialization=False)``): the entries below the diagonal of ``raw`` are the
-    Householder vectors and the signs of its diagonal flip columns. A diagonal entry
-    counts as ``+1`` unless negative (torch truncates it to an int, so weight decay
-    shrinking it below 1 would zero a row of ``R``); any ``raw`` gives orthonormal rows.
-    Computed in at least float32 (no Householder kernel for half precision).
-    """
-    exact = raw.to(torch.promote_types(raw.dtype, torch.float32))
-    vectors = exact.tril(-1)
-    tau = 2.0 / (1.0 + (vectors * vectors).sum(dim=-2))
-    q = torch.linalg.householder_product(vectors, tau)
-    signs = torch.where(exact.diagonal() < 0, -1.0, 1.0).to(q.dtype)
-    return (q * signs.unsqueeze(-2)).mT
-
-
-@torch.no_grad()
-def householder_code(q: torch.Tensor) -> torch.Tensor:
-    """The ``raw`` tensor whose :func:`rotation` is ``q.T``, for ``q`` (hidden × rank)
-    with orthonormal columns: torch's ``right_inverse`` of the Householder map."""
-    code, tau = torch.geqrf(q)
-    diagonal = code.diagonal()
-    diagonal.sign_()
-    diagonal[tau == 0] *= -1  # LAPACK skips a reflection where tau is 0; the map always reflects
-    return code
-
-
-@torch.no_grad()
-def _initialise(raw: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, init: str) -> None:
-    # In float32 on the CPU: QR has no half-precision kernel, and one generator makes the
-    # start the same on every device.
-    q = torch.empty(raw.shape, dtype=torch.float32)
-    nn.init.orthogonal_(q)  # pyreft: LowRankRotateLayer(init_orth=True)
-    raw.copy_(householder_code(q))
-    if init == "identity":
-        weight.copy_(rotation(raw))
-        bias.zero_()
-        return
-    # pyreft's learned_source is an nn.Linear(hidden, rank): its default initialisation
-    w = torch.empty(weight.shape, dtype=torch.float32)
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-    bound = 1.0 / math.sqrt(weight.shape[1])
-    weight.copy_(w)
-    bias.copy_(torch.empty(bias.shape, dtype=torch.float32).uniform_(-bound, bound))
-
-
-def loreft(h: torch.Tensor, rotation_rows: torch.Tensor, weight, bias) -> torch.Tensor:
-    """``h + Rᵀ(Wh + b − Rh)``, with ``(W − R)h + b`` in one product (exactly zero for the
-    identity start, where ``W = R`` and ``b = 0``)."""
-    r = rotation_rows.to(h.dtype)
-    return h + F.linear(F.linear(h, weight - r, bias), r.mT)
-
-
-def intervene(first: int, last: int, dropout: float, module: nn.Module, x, y, tensors, writable):
-    """LoReFT on the first ``first`` and last ``last`` positions of dimension -2 of ``y``;
-    a position in both ranges is intervened once, the others are returned as they were."""
-    raw, weight, bias = tensors
-    if y.dim() < 2 or y.shape[-1] != weight.shape[1]:
-        raise UnsupportedModuleError(
-            f"ReFT needs a (..., sequence, {weight.shape[1]}) output, but "
-            f"{type(module).__name__} returned shape {tuple(y.shape)}; target a module whose "
-            "output is a sequence of hidden states, hidden last (not channels first)"
-        )
-    length = y.shape[-2]
-    head = min(first, length)
-    tail = min(last, length - head)
-    chosen = torch.cat([y[..., :head, :], y[..., length - tail :, :]], dim=-2)
-    new = loreft(chosen, rotation(raw), weight, bias)
-    if dropout:
-        new = F.dropout(new, dropout, module.training)
-    if head + tail == length:
-        return new
-    middle = y[..., head : length - tail, :]
-    return torch.cat([new[..., :head, :], middle, new[..., head:, :]], dim=-2)

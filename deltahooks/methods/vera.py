@@ -26,8 +26,68 @@ from ..merging import stored
 from ..sites import OutputSite, WeightSite
 from ..spec import DeltaSpec, DeviceLike, Part, SharedTensor, register_method, tensor_options
 
-KINDS = (LINEAR, CONV1D_GPT2)
 INITS = ("default", "random")
+
+
+def projections(r: int, fan_in: int, fan_out: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (r × fan_in) then ``B`` (fan_out × r), Kaiming-uniform (gain √2, fan = their
+    second dimension) from one CPU generator seeded with ``key``: PEFT's draw, number for
+    number, so a file may leave them out."""
+    generator = torch.Generator(device="cpu").manual_seed(key)
+    drawn = []
+    for shape in ((r, fan_in), (fan_out, r)):
+        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+        drawn.append(torch.empty(shape).uniform_(-bound, bound, generator=generator))
+    return drawn[0], drawn[1]
+
+
+def scaled_factors(fan_in: int, fan_out: int, tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """``diag(λ_d) A`` and ``diag(λ_b) B``, cut to the layer's widths."""
+    a, b, lambda_d, lambda_b = tensors
+    return lambda_d[:, None] * a[:, :fan_in], lambda_b[:, None] * b[:fan_out]
+
+
+def update(fan_in: int, fan_out: int, dropout: float, module: nn.Module, x, y, tensors, writable):
+    """``y + λ_b ⊙ B(λ_d ⊙ A(dropout(x)))``; accumulated into ``y`` when ``writable``.
+
+    While the vectors train, they scale the activations (as PEFT does), so backward needs
+    no gradient GEMM for the frozen factors; otherwise they scale the (small) factors: the
+    same numbers, with less work once a call has more tokens than the rank.
+    """
+    a, b, lambda_d, lambda_b = tensors
+    if dropout and module.training:
+        x = F.dropout(x, dropout, True)
+    x = x.to(a.dtype)
+    if torch.is_grad_enabled() and (lambda_d.requires_grad or lambda_b.requires_grad):
+        new = F.linear(F.linear(x, a[:, :fan_in]) * lambda_d, b[:fan_out]) * lambda_b
+        if writable and y.dtype == new.dtype:
+            return y.add_(new)
+        return (y.to(new.dtype) + new).to(y.dtype)
+    down, up = scaled_factors(fan_in, fan_out, tensors)
+    h = F.linear(x, down)
+    h = h.reshape(-1, h.shape[-1])
+    if writable and y.dtype == h.dtype:
+        y.view(-1, y.shape[-1]).addmm_(h, up.t())
+        return y
+    return torch.addmm(y.reshape(-1, y.shape[-1]).to(h.dtype), h, up.t()).view(y.shape).to(y.dtype)
+
+
+def updated_weight(kind: str, fan_in: int, fan_out: int, weight: torch.Tensor, tensors):
+    """``W + diag(λ_b) B diag(λ_d) A`` in the weight's layout: the weight site of a layer
+    the model reads without calling it."""
+    down, up = scaled_factors(fan_in, fan_out, tensors)
+    if kind == CONV1D_GPT2:  # stored in × out
+        return torch.addmm(weight, down.t(), up.t())
+    return torch.addmm(weight, up, down)
+
+
+def merged_weight(fan_in: int, fan_out: int, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
+    weight = stored(module, "weight")
+    exact = torch.promote_types(weight.dtype, torch.float32)
+    factors = [tensors[k].to(exact) for k in ("vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b")]
+    down, up = scaled_factors(fan_in, fan_out, factors)
+    update = to_weight_layout(module, up @ down)
+    return {"weight": (weight.to(exact) + update).to(weight.dtype)}
 
 
 @register_method
@@ -92,6 +152,8 @@ class VeRA(DeltaSpec):
     """
 
     method = "vera"
+    layer_kinds = (LINEAR, CONV1D_GPT2)
+    reads_weights = False
     r: int = 256
     projection_prng_key: int = 0
     save_projection: bool = True
@@ -100,24 +162,20 @@ class VeRA(DeltaSpec):
     init: Literal["default", "random"] = "default"
 
     def validate(self) -> None:
-        validate.positive_int("VeRA", "r", self.r, 256)
+        validate.positive_int(self, "r", self.r, 256)
         key = self.projection_prng_key
         if not (isinstance(key, int) and not isinstance(key, bool) and 0 <= key < 2**63):
             raise SpecError(
                 f"VeRA projection_prng_key={key!r} must be an integer seed >= 0 (below 2**63), "
                 "e.g. projection_prng_key=0"
             )
-        validate.flag("VeRA", "save_projection", self.save_projection)
-        validate.probability("VeRA", "dropout", self.dropout)
-        validate.finite("VeRA", "d_initial", self.d_initial)
-        validate.one_of("VeRA", "init", self.init, INITS)
-
-    def reads_weight(self, path: str, module: nn.Module) -> bool:
-        """False: it reads only the layer's input and output, so quantized layers take it."""
-        return False
+        validate.flag(self, "save_projection", self.save_projection)
+        validate.probability(self, "dropout", self.dropout)
+        validate.finite(self, "d_initial", self.d_initial)
+        validate.one_of(self, "init", self.init, INITS)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        if kind_of(module) not in KINDS:
+        if not self.takes_kind(module):
             raise UnsupportedModuleError(
                 f"VeRA cannot adapt {path or '<root>'!r} ({type(module).__name__}); it supports "
                 "nn.Linear and transformers Conv1D (as PEFT does). Narrow targets (e.g. "
@@ -178,64 +236,3 @@ class VeRA(DeltaSpec):
             merge=partial(merged_weight, fan_in, fan_out),
             note=WHY if direct else "",
         )
-
-
-def projections(r: int, fan_in: int, fan_out: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A`` (r × fan_in) then ``B`` (fan_out × r), Kaiming-uniform (gain √2, fan = their
-    second dimension) from one CPU generator seeded with ``key``: PEFT's draw, number for
-    number, so a file may leave them out."""
-    generator = torch.Generator(device="cpu").manual_seed(key)
-    drawn = []
-    for shape in ((r, fan_in), (fan_out, r)):
-        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
-        drawn.append(torch.empty(shape).uniform_(-bound, bound, generator=generator))
-    return drawn[0], drawn[1]
-
-
-def scaled_factors(fan_in: int, fan_out: int, tensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """``diag(λ_d) A`` and ``diag(λ_b) B``, cut to the layer's widths."""
-    a, b, lambda_d, lambda_b = tensors
-    return lambda_d[:, None] * a[:, :fan_in], lambda_b[:, None] * b[:fan_out]
-
-
-def update(fan_in: int, fan_out: int, dropout: float, module: nn.Module, x, y, tensors, writable):
-    """``y + λ_b ⊙ B(λ_d ⊙ A(dropout(x)))``; accumulated into ``y`` when ``writable``.
-
-    While the vectors train, they scale the activations (as PEFT does), so backward needs
-    no gradient GEMM for the frozen factors; otherwise they scale the (small) factors: the
-    same numbers, with less work once a call has more tokens than the rank.
-    """
-    a, b, lambda_d, lambda_b = tensors
-    if dropout and module.training:
-        x = F.dropout(x, dropout, True)
-    x = x.to(a.dtype)
-    if torch.is_grad_enabled() and (lambda_d.requires_grad or lambda_b.requires_grad):
-        new = F.linear(F.linear(x, a[:, :fan_in]) * lambda_d, b[:fan_out]) * lambda_b
-        if writable and y.dtype == new.dtype:
-            return y.add_(new)
-        return (y.to(new.dtype) + new).to(y.dtype)
-    down, up = scaled_factors(fan_in, fan_out, tensors)
-    h = F.linear(x, down)
-    h = h.reshape(-1, h.shape[-1])
-    if writable and y.dtype == h.dtype:
-        y.view(-1, y.shape[-1]).addmm_(h, up.t())
-        return y
-    return torch.addmm(y.reshape(-1, y.shape[-1]).to(h.dtype), h, up.t()).view(y.shape).to(y.dtype)
-
-
-def updated_weight(kind: str, fan_in: int, fan_out: int, weight: torch.Tensor, tensors):
-    """``W + diag(λ_b) B diag(λ_d) A`` in the weight's layout: the weight site of a layer
-    the model reads without calling it."""
-    down, up = scaled_factors(fan_in, fan_out, tensors)
-    if kind == CONV1D_GPT2:  # stored in × out
-        return torch.addmm(weight, down.t(), up.t())
-    return torch.addmm(weight, up, down)
-
-
-def merged_weight(fan_in: int, fan_out: int, module: nn.Module, tensors) -> dict[str, torch.Tensor]:
-    weight = stored(module, "weight")
-    exact = torch.promote_types(weight.dtype, torch.float32)
-    factors = [tensors[k].to(exact) for k in ("vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b")]
-    down, up = scaled_factors(fan_in, fan_out, factors)
-    update = to_weight_layout(module, up @ down)
-    return {"weight": (weight.to(exact) + update).to(weight.dtype)}

@@ -17,7 +17,7 @@ from torch import nn
 from ...errors import DeltaFileError, UnsupportedOperationError
 from ...methods import PrefixTuning, PromptTuning
 from ...methods._calls import is_encoder_decoder
-from ...methods.prefix_tuning import geometry
+from ...methods._prefix_geometry import geometry
 from .registry import peft_exporter, peft_importer
 
 KEY = "prompt_embeddings"
