@@ -117,7 +117,8 @@ LORA = [
     Row("gpt2", dh.LoRA(targets=["c_attn", "mlp.c_fc", "wte"], r=4), every_grad=False, merge=None),
     # (compiled with Full in tests/test_compile.py)
     Row("llama", dh.LoRA(targets="all-linear", r=4), every_grad=False, merge=True),
-    # checkpointing replays the layers with the dropout masks of the first pass
+    # checkpointing restores the RNG state before a replay, so the replayed layers draw the
+    # dropout masks of the first pass and the gradients are those of a plain backward
     check_only("llama", _lora_dropout(0.0), "dropout0", checkpointing=True),
     check_only("llama", _lora_dropout(0.3), "dropout0.3", checkpointing=True),
     # DoRA from init="random": with B = 0 (or an embedding's A = 0) the other factor would
