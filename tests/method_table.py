@@ -131,7 +131,7 @@ LORA = [
         "gpt2", replace(DORA["gpt2"], targets=["c_attn", "mlp.c_fc"]), "dora-no-wte", merge=True
     ),
     check_only("llama", DORA["llama"], "dora", merge=True, compile=True),
-    # PiSSA / OLoRA: W - sBA + sBA is W only within rounding
+    # PiSSA / OLoRA: at attach W - sBA + sBA is W only within rounding
     Row("gpt2", _lora_init("gpt2", "pissa"), "pissa", atol=1e-5),
     Row("gpt2", _lora_init("gpt2", "olora"), "olora", atol=1e-5),
     Row("llama", _lora_init("llama", "pissa"), "pissa", atol=1e-5, merge=True, checkpointing=True),
