@@ -392,6 +392,7 @@ ADAPTERS = [
         for shared, variant in [(True, "shared"), (False, "per-layer")]
     ],
     Row("llama", dh.Adapter(targets=["o_proj", "down_proj"], bottleneck=4), merge=NON_LINEAR),
+    Row("mlp-6-8-3", dh.Adapter(targets=nn.Linear, bottleneck=2), merge=NON_LINEAR),
 ]
 
 # ---------------------------------------------------------------- the rest
@@ -402,6 +403,9 @@ OTHERS = [
         dh.ReFT(targets=r"re:model\.layers\.\d+", positions="f2+l2", init="identity"),
         merge="token positions",
     ),
+    check_only(
+        "llama", dh.ReFT(targets=r"re:model\.layers\.\d+"), "default", merge="token positions"
+    ),
     # a prompt or a prefix changes what attention sees from the start: only disabled is the
     # base model. (Prompt tuning's random init reads the embeddings' scale, which the meta
     # device has not: attach raises torch's RuntimeError there.)
@@ -410,7 +414,7 @@ OTHERS = [
         dh.PromptTuning(num_tokens=4),
         identity=False,
         meta=False,
-        merge="part of the input",
+        merge="prompt is part of the input",
     ),
     Row(
         "llama",
@@ -510,6 +514,7 @@ TRAINABLE = {
     "compacter-mlp-6-6-6-shared": 132,
     "compacter-mlp-6-6-6-per-layer": 324,
     "adapter-llama": 1168,
+    "adapter-mlp-6-8-3": 59,
     "full-full-net": 38,
     "reft-llama": 520,
     "prompt_tuning-llama": 128,
