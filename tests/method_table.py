@@ -28,7 +28,7 @@ class Row:
     lifecycle: identity at attach, training changes only the delta and lowers the loss,
         save → load on a fresh model gives the same outputs, detach restores bit for bit
         (and the meta-device plan holds the same tensors, where ``meta``).
-    identity, every_grad, atol: that check's knobs (``method_bar``); params: the trainable
+    identity, every_grad, atol, other_kernels: that check's knobs (``method_bar``); params: the trainable
         numbers the delta holds (``TRAINABLE``).
     merge: True merges within 1e-5 and unmerges exactly; a string: merge is refused with
         ``dh.UnsupportedOperationError`` matching it (a regular expression); None: not
@@ -44,6 +44,7 @@ class Row:
     identity: bool = True
     every_grad: bool = True
     atol: float = 0.0
+    other_kernels: bool = False
     params: int | None = None
     meta: bool = True
     merge: bool | str | None = None
@@ -202,17 +203,25 @@ BITFIT = {  # Llama and T5 have no biases, so the default selects nothing there
 NEW_BIAS = "has no bias of its own"
 VECTORS = [
     *_per_model(
-        IA3_PLACES,
+        {name: place for name, place in IA3_PLACES.items() if name != "ia3-net"},
         lambda place: dh.IA3(targets=place[0], feedforward=place[1]),
         merge=list(IA3_PLACES),
         checkpointing=CHECKPOINTED,
         compile=["llama"],
+    ),
+    # the grouped Conv1d runs another CPU kernel once its weight is frozen
+    Row(
+        "ia3-net",
+        dh.IA3(targets=IA3_PLACES["ia3-net"][0], feedforward=IA3_PLACES["ia3-net"][1]),
+        other_kernels=True,
+        merge=True,
     ),
     *[
         Row(
             name,
             spec,
             merge={"llama": NEW_BIAS, "t5": NEW_BIAS, "bitfit-net": None}.get(name, True),
+            other_kernels=name == "bitfit-net",  # its Conv1d: as IA3's
             checkpointing=name in CHECKPOINTED,
             compile=name == "llama",
         )

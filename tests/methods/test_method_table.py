@@ -49,6 +49,7 @@ def test_identity_training_files_and_detach(row: Row, tmp_path):
         every_grad=row.every_grad,
         identity=row.identity,
         atol=row.atol,
+        other_kernels=row.other_kernels,
         params=row.params,
     )
 
