@@ -9,10 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     perturb,
@@ -25,7 +21,11 @@ import deltahooks as dh
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import adalora_net as make_net  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
+
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# AdaLoRA's rows in tests/method_table.py
 
 PLACES = {
     "gpt2": ["c_attn", "mlp.c_proj"],
@@ -35,55 +35,7 @@ PLACES = {
     "vit": ["q_proj", "fc2"],
     "opt": ["q_proj", "fc2"],
 }
-SPECS = {
-    name: dh.AdaLoRA(targets=t, init_r=4, target_r=2, total_step=10) for name, t in PLACES.items()
-}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.proj = nn.Linear(4, 5)
-
-    def forward(self, pixels):
-        return self.proj(torch.relu(self.conv(pixels)).mean(dim=(2, 3)))
-
-
-def make_net():
-    return Net(), {"pixels": torch.randn(2, 3, 6, 6)}
-
-
 NET_SPEC = dh.AdaLoRA(targets=["conv", "proj"], init_r=3, target_r=2, total_step=10)
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_identity_training_files_and_detach(name, tmp_path):
-    # Λ starts at zero, so P and Q get their first gradients only after a step
-    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path, every_grad=False)
-
-
-def test_plain_torch_conv2d_identity_training_files_and_detach(tmp_path):
-    check_identity_training_files_and_detach(make_net, NET_SPEC, tmp_path, every_grad=False)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama", "conv2d"])
-def test_merge_and_unmerge_exactly(name):
-    if name == "conv2d":
-        check_merge(make_net, NET_SPEC)
-    else:
-        check_merge(MODELS[name], SPECS[name])
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_gradient_checkpointing(name, use_reentrant):
-    spec = dh.AdaLoRA(targets=PLACES[name], init_r=4, target_r=2, total_step=10, dropout=0.1)
-    check_gradient_checkpointing(MODELS[name], spec, use_reentrant)
-
-
-def test_compile_fullgraph():
-    check_compile(MODELS["llama"], SPECS["llama"])
 
 
 def test_the_formula_against_f_linear_and_conv2d():

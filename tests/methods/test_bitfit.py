@@ -5,11 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
-    check_merge_refused,
     check_refused,
     perturb,
 )
@@ -20,75 +15,11 @@ import deltahooks as dh
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import bitfit_net as make_net  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
-# Llama and T5 have no biases, so the default selects nothing there: name layers instead
-SPECS = {
-    "gpt2": dh.BitFit(),
-    "llama": dh.BitFit(targets=["all-linear", "norm"]),
-    "bert": dh.BitFit(),
-    "t5": dh.BitFit(targets=["q", "v", "wo", "final_layer_norm"]),
-    "vit": dh.BitFit(),  # the patch embedding is a Conv2d: channels at dim 1
-    "opt": dh.BitFit(),
-}
-
-
-class Net(nn.Module):
-    """Every kind BitFit takes, channels last and channels first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.conv = nn.Conv1d(4, 6, 3, padding=1)
-        self.norm = nn.BatchNorm1d(6)
-        self.proj = nn.Linear(6, 5, bias=False)
-        self.ln = nn.LayerNorm(5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, ids):
-        h = self.norm(self.conv(self.embed(ids).transpose(1, 2))).transpose(1, 2)
-        return self.head(self.ln(self.proj(h)))
-
-
-def make_net():
-    return Net(), {"ids": torch.randint(0, 11, (2, 7))}
-
-
-ALL_KINDS = dh.BitFit(targets=["conv", "norm", "ln", "head"])
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_identity_training_files_and_detach(name, tmp_path):
-    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path)
-
-
-def test_plain_torch_identity_training_files_and_detach(tmp_path):
-    spec = dh.BitFit(targets=["embed", "conv", "norm", "proj", "ln", "head"])
-    check_identity_training_files_and_detach(make_net, spec, tmp_path)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "opt"])
-def test_merge_into_existing_biases_and_unmerge_exactly(name):
-    check_merge(MODELS[name], SPECS[name])
-
-
-def test_plain_torch_merge_every_kind_with_a_bias():
-    check_merge(make_net, ALL_KINDS)
-
-
-@pytest.mark.parametrize("name", ["llama", "t5"])
-def test_merge_is_refused_where_a_bias_would_be_new(name):
-    check_merge_refused(MODELS[name], SPECS[name], "has no bias of its own")
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_gradient_checkpointing(name, use_reentrant):
-    check_gradient_checkpointing(MODELS[name], SPECS[name], use_reentrant)
-
-
-def test_compile_fullgraph():
-    check_compile(MODELS["llama"], SPECS["llama"])
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# BitFit's rows in tests/method_table.py
 
 
 def test_output_is_base_plus_delta_along_the_channels():

@@ -8,10 +8,6 @@ from unittest import mock
 import pytest
 import torch
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     loss,
@@ -25,63 +21,11 @@ from deltahooks.methods._orthogonal import cayley
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import boft_net as make_net  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
-PLACES = {
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "llama": ["q_proj", "v_proj", "down_proj"],
-    "vit": ["q_proj", "fc2", "projection"],
-}
-SPECS = {name: dh.BOFT(targets=targets, butterfly_factor=2) for name, targets in PLACES.items()}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(4, 8, 2, padding=1, groups=2)  # filter width 4
-        self.conv2 = nn.Conv2d(8, 4, (2, 2), padding=1)  # filter width 32
-        self.up = nn.Linear(4, 8)
-        self.out = nn.Linear(8, 3, bias=False)
-
-    def forward(self, x):
-        h = torch.relu(self.conv(x))  # (N, 8, L)
-        h = self.conv2(h[:, :, None, :]).mean((2, 3))  # (N, 4)
-        return self.out(torch.relu(self.up(h)))
-
-
-def make_net():
-    return Net(), {"x": torch.randn(2, 4, 7)}
-
-
-NET_SPEC = dh.BOFT(targets=["conv", "conv2", "up", "out"], block_size=2, butterfly_factor=2)
-
-
-@pytest.mark.parametrize("name", list(PLACES))
-def test_identity_training_files_and_detach(name, tmp_path):
-    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path)
-
-
-def test_plain_torch_identity_training_files_and_detach(tmp_path):
-    check_identity_training_files_and_detach(make_net, NET_SPEC, tmp_path)
-
-
-@pytest.mark.parametrize("name", list(PLACES))
-def test_merge_and_unmerge_exactly(name):
-    check_merge(MODELS[name], SPECS[name])
-
-
-def test_plain_torch_merge_and_unmerge_exactly():
-    check_merge(make_net, NET_SPEC)
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing(use_reentrant):
-    check_gradient_checkpointing(MODELS["gpt2"], SPECS["gpt2"], use_reentrant)
-
-
-def test_compile_fullgraph():
-    """Input and output sites (Linear) and weight sites (convs), no graph break."""
-    check_compile(make_net, NET_SPEC)
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# BOFT's rows in tests/method_table.py
 
 
 def test_the_formulas_with_one_factor():

@@ -4,17 +4,11 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
-import method_bar
 import pytest
 import torch
 import torch.nn.functional as F
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     loss,
@@ -35,6 +29,8 @@ SPECS = {
     "llama": dh.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=2, alpha=4, dora=True),
 }
 MAKE = {"gpt2": gpt2, "llama": llama}
+# the bar (training, files, detach from init="random", merge, checkpointing, compile) runs
+# for DoRA's rows in tests/method_table.py
 
 
 def rows(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -145,36 +141,6 @@ def test_identity_at_attach(name):
         frozen = evaluate(model, inputs)
     assert_outputs_equal(evaluate(model, inputs), frozen)
     torch.testing.assert_close(frozen, base, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_training_files_and_detach(name, tmp_path):
-    """The method bar's check, from init="random": with B = 0 (or an embedding's A = 0)
-    the other factor has no gradient at step one, which the bar requires."""
-    spec = dataclasses.replace(SPECS[name], init="random")
-    identity = method_bar.assert_outputs_equal
-    try:  # the bar's bit-exact identity check does not apply to a random start
-        method_bar.assert_outputs_equal = lambda a, b: None
-        check_identity_training_files_and_detach(MAKE[name], spec, tmp_path)
-    finally:
-        method_bar.assert_outputs_equal = identity
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_merge_and_unmerge_exactly(name):
-    spec = SPECS[name]
-    if name == "gpt2":  # wte is tied to lm_head: merging into it is refused (test_lora)
-        spec = dataclasses.replace(spec, targets=["c_attn", "mlp.c_fc"])
-    check_merge(MAKE[name], spec)
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing(use_reentrant):
-    check_gradient_checkpointing(gpt2, SPECS["gpt2"], use_reentrant)
-
-
-def test_compile_fullgraph():
-    check_compile(llama, SPECS["llama"])
 
 
 def test_merge_is_refused_while_another_delta_adds_to_the_layer():

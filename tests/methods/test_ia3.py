@@ -8,10 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     perturb,
@@ -24,7 +20,11 @@ import deltahooks as dh
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import ia3_net as make_net  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
+
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# IA3's rows in tests/method_table.py
 
 # PEFT's own per-architecture IA3 targets; ViT (none in PEFT): keys, values, the MLP's
 # output, and its patch-embedding Conv2d
@@ -36,56 +36,7 @@ PLACES = {
     "vit": (["k_proj", "v_proj", "fc2", "projection"], ["fc2"]),
     "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
 }
-SPECS = {name: dh.IA3(targets=t, feedforward=f) for name, (t, f) in PLACES.items()}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.conv = nn.Conv1d(4, 6, 3, padding=1, groups=2)
-        self.down = nn.Conv1d(6, 4, 1)
-        self.up = nn.Linear(4, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, ids):
-        h = self.down(torch.relu(self.conv(self.embed(ids).transpose(1, 2))))
-        return self.out(torch.relu(self.up(h.transpose(1, 2))))
-
-
-def make_net():
-    return Net(), {"ids": torch.randint(0, 11, (2, 7))}
-
-
 NET_SPEC = dh.IA3(targets=["embed", "conv", "down", "up", "out"], feedforward=["down", "out"])
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_identity_training_files_and_detach(name, tmp_path):
-    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path)
-
-
-def test_plain_torch_identity_training_files_and_detach(tmp_path):
-    check_identity_training_files_and_detach(make_net, NET_SPEC, tmp_path)
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_merge_and_unmerge_exactly(name):
-    check_merge(MODELS[name], SPECS[name])
-
-
-def test_plain_torch_merge_and_unmerge_exactly():
-    check_merge(make_net, NET_SPEC)
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_gradient_checkpointing(name, use_reentrant):
-    check_gradient_checkpointing(MODELS[name], SPECS[name], use_reentrant)
-
-
-def test_compile_fullgraph():
-    check_compile(MODELS["llama"], SPECS["llama"])
 
 
 def test_the_formulas_per_layer_kind():

@@ -10,10 +10,6 @@ import torch
 import torch.nn.functional as F
 from method_bar import (
     assert_unmerged,
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     perturb,
@@ -26,56 +22,11 @@ import deltahooks as dh
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import norm_net as make_net  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
-
-class Net(nn.Module):
-    """One of each kind of norm: LayerNorm, RMSNorm (no bias), BatchNorm, GroupNorm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.gn = nn.GroupNorm(2, 4)
-        self.proj = nn.Linear(4, 6)
-        self.ln = nn.LayerNorm(6)
-        self.rms = nn.RMSNorm(6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, pixels):
-        h = self.gn(self.bn(self.conv(pixels))).mean((2, 3))
-        return self.head(self.rms(self.ln(self.proj(h))))
-
-
-def make_net():
-    return Net(), {"pixels": torch.randn(4, 3, 5, 5)}
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_identity_training_files_and_detach(name, tmp_path):
-    check_identity_training_files_and_detach(MODELS[name], dh.LNTuning(), tmp_path)
-
-
-def test_plain_torch_identity_training_files_and_detach(tmp_path):
-    check_identity_training_files_and_detach(make_net, dh.LNTuning(), tmp_path)
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_merge_and_unmerge_exactly(name):
-    check_merge(MODELS[name], dh.LNTuning())
-
-
-def test_plain_torch_merge_and_unmerge_exactly():
-    check_merge(make_net, dh.LNTuning())
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing(use_reentrant):
-    check_gradient_checkpointing(MODELS["llama"], dh.LNTuning(), use_reentrant)
-
-
-def test_compile_fullgraph():
-    check_compile(MODELS["llama"], dh.LNTuning())
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# LNTuning's rows in tests/method_table.py
 
 
 def test_default_targets_every_norm_and_the_formula_holds():

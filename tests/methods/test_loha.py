@@ -9,10 +9,6 @@ import torch
 import torch.nn.functional as F
 from lycoris_parity import check_peft_parity
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     perturb,
@@ -25,62 +21,14 @@ from deltahooks.methods.loha import HadamardUpdate
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import LoHaNet as Net  # noqa: E402
+from method_nets import loha_net as make_net  # noqa: E402
+from method_table import LOHA  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
-SPECS = {
-    "gpt2": dh.LoHa(targets=["c_attn", "mlp.c_proj"], r=4),  # GPT-2 Conv1D
-    "llama": dh.LoHa(targets=["q_proj", "v_proj", "down_proj"], r=4, rank_pattern={"v_proj": 2}),
-    "vit": dh.LoHa(targets=["q_proj", "v_proj", "projection"], r=2),  # projection: Conv2d
-}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.grouped = nn.Conv2d(6, 4, 1, groups=2)
-        self.seq = nn.Conv1d(4, 5, 2)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, pixels):
-        h = torch.relu(self.grouped(torch.relu(self.conv(pixels))))
-        h = self.seq(h.flatten(2))
-        return self.head(h.mean(2))
-
-
-def make_net():
-    return Net(), {"pixels": torch.randn(2, 3, 4, 4)}
-
-
-NET_SPEC = dh.LoHa(targets=["conv", "grouped", "seq", "head"], r=2, alpha=3.0)
-
-
-@pytest.mark.parametrize("name", list(SPECS))
-def test_identity_training_files_and_detach(name, tmp_path):
-    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path)
-
-
-def test_plain_torch_identity_training_files_and_detach(tmp_path):
-    check_identity_training_files_and_detach(make_net, NET_SPEC, tmp_path)
-
-
-@pytest.mark.parametrize("name", list(SPECS))
-def test_merge_and_unmerge_exactly(name):
-    check_merge(MODELS[name], SPECS[name])
-
-
-def test_plain_torch_merge_and_unmerge_exactly():
-    check_merge(make_net, NET_SPEC)
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_gradient_checkpointing(name, use_reentrant):
-    check_gradient_checkpointing(MODELS[name], SPECS[name], use_reentrant)
-
-
-def test_compile_fullgraph():
-    check_compile(MODELS["llama"], SPECS["llama"])
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# LoHa's rows in tests/method_table.py
+NET_SPEC = LOHA["loha-net"]
 
 
 def _factors(delta, path):
@@ -167,7 +115,7 @@ def test_base_keys_parameters_and_a_base_checkpoint_while_attached():
     model, inputs = seeded(MODELS["llama"])
     checkpoint = copy.deepcopy(model.state_dict())
     names = [n for n, _ in model.named_parameters()]
-    delta = dh.attach(model, SPECS["llama"])
+    delta = dh.attach(model, LOHA["llama"])
     perturb(delta)
     assert [k for k in model.state_dict() if "dh__" not in k] == list(checkpoint)
     assert [n for n, _ in model.named_parameters() if "dh__" not in n] == names

@@ -9,10 +9,6 @@ import torch
 import torch.nn.functional as F
 from lycoris_parity import check_peft_parity
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     perturb,
@@ -24,65 +20,13 @@ import deltahooks as dh
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import lokr_net as make_net  # noqa: E402
+from method_table import LOKR  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
-SPECS = {  # full and low-rank factors, decompose_both, rank_pattern
-    "gpt2": dh.LoKr(targets=["c_attn", "mlp.c_proj"], r=2),  # GPT-2 Conv1D
-    "llama": dh.LoKr(
-        targets=["q_proj", "v_proj", "down_proj"],
-        r=4,
-        rank_pattern={"down_proj": 1},
-        decompose_both=True,
-    ),
-    "vit": dh.LoKr(targets=["q_proj", "v_proj", "projection"], r=2),  # projection: Conv2d
-}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.grouped = nn.Conv2d(8, 4, 1, groups=2)
-        self.head = nn.Linear(4, 12)
-
-    def forward(self, pixels):
-        h = torch.relu(self.grouped(torch.relu(self.conv(pixels))))
-        return self.head(h.mean((2, 3)))
-
-
-def make_net():
-    return Net(), {"pixels": torch.randn(2, 3, 4, 4)}
-
-
-NET_SPEC = dh.LoKr(targets=["conv", "grouped", "head"], r=1, alpha=3.0, factor=2)
-
-
-@pytest.mark.parametrize("name", list(SPECS))
-def test_identity_training_files_and_detach(name, tmp_path):
-    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path)
-
-
-def test_plain_torch_identity_training_files_and_detach(tmp_path):
-    check_identity_training_files_and_detach(make_net, NET_SPEC, tmp_path)
-
-
-@pytest.mark.parametrize("name", list(SPECS))
-def test_merge_and_unmerge_exactly(name):
-    check_merge(MODELS[name], SPECS[name])
-
-
-def test_plain_torch_merge_and_unmerge_exactly():
-    check_merge(make_net, NET_SPEC)
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_gradient_checkpointing(name, use_reentrant):
-    check_gradient_checkpointing(MODELS[name], SPECS[name], use_reentrant)
-
-
-def test_compile_fullgraph():
-    check_compile(MODELS["llama"], SPECS["llama"])
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# LoKr's rows in tests/method_table.py
+NET_SPEC = LOKR["lokr-net"]
 
 
 def test_the_formula_per_layer_kind_with_torch_kron():

@@ -161,19 +161,8 @@ def test_a_training_step_with_dropout_equals_peft_given_the_same_masks():
         torch.testing.assert_close(param.grad, names[key].grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_replays_the_same_masks(use_reentrant, dropout):
-    """Checkpointing restores the RNG state before a replay, so the replayed layers draw
-    the masks of the first pass and the gradients are those of a plain backward."""
-    pytest.importorskip("transformers")
-    from method_bar import check_gradient_checkpointing
-    from tiny_models import llama
-
-    import deltahooks as dh
-
-    spec = dh.LoRA(targets=["q_proj", "v_proj", "down_proj"], r=4, dropout=dropout, init="random")
-    check_gradient_checkpointing(llama, spec, use_reentrant)
+# Checkpointing with dropout replays the first pass's masks: the lora-llama-dropout rows of
+# tests/method_table.py.
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,14 +6,9 @@ from __future__ import annotations
 import copy
 import os
 
-import method_bar
 import pytest
 import torch
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     loss,
@@ -78,38 +73,14 @@ def test_base_state_dict_is_the_untouched_weight_and_a_base_checkpoint_loads(ini
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_training_files_and_detach(name, init, tmp_path):
-    """The method bar, with identity within rounding (W - sBA + sBA is not W bit for bit)."""
-    model, inputs = seeded(MAKE[name])
-    base = evaluate(model, inputs)
-    delta = dh.attach(model, spec(name, init))
-    torch.testing.assert_close(evaluate(model, inputs), base, rtol=0, atol=1e-5)
-    delta.detach()
-    exact = method_bar.assert_outputs_equal
-    try:
-        method_bar.assert_outputs_equal = lambda a, b: torch.testing.assert_close(
-            a, b, atol=1e-5, rtol=0
-        )
-        check_identity_training_files_and_detach(MAKE[name], spec(name, init), tmp_path)
-    finally:
-        method_bar.assert_outputs_equal = exact
+def test_the_file_holds_the_factors_and_no_residual(name, init, tmp_path):
+    """(The bar, with identity within rounding, runs for these specs from the method
+    table: W - sBA + sBA is not W bit for bit.)"""
+    model, _ = seeded(MAKE[name])
+    dh.attach(model, spec(name, init)).save(tmp_path / "delta.safetensors")
     header = open(tmp_path / "delta.safetensors", "rb").read(200_000)
     assert b".weight" not in header.split(b"__metadata__")[0]  # no residual in the file
     assert os.path.getsize(tmp_path / "delta.safetensors") < 100_000
-
-
-@pytest.mark.parametrize("dora", [False, True])
-def test_merge_and_unmerge_exactly(dora):
-    check_merge(llama, spec("llama", "pissa", dora=dora))
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing(use_reentrant):
-    check_gradient_checkpointing(llama, spec("llama", "pissa"), use_reentrant)
-
-
-def test_compile_fullgraph():
-    check_compile(llama, spec("llama", "olora"))
 
 
 def test_bad_inputs_leave_the_model_unchanged():

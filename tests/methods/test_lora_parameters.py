@@ -13,70 +13,29 @@ import torch.nn.functional as F
 from lycoris_parity import check_peft_parity
 from method_bar import (
     assert_unmerged,
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     perturb,
     seeded,
 )
 from model_checks import assert_outputs_equal, assert_restored, snapshot
-from torch import nn
 
 import deltahooks as dh
 from deltahooks.methods import lora_parameters
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import Experts  # noqa: E402
+from method_nets import experts_net as make_experts  # noqa: E402
 from tiny_models import mixtral  # noqa: E402  (after the importorskip)
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 SPEC = dh.LoRA(targets=EXPERTS, r=4, alpha=8, rank_pattern={"layers.1.mlp.experts.down_proj": 2})
 
 
-class Experts(nn.Module):
-    """A plain MoE layer: a 3-D stack (experts × out × in, or × in × out when
-    ``is_transposed``, transformers' convention), every token through every expert."""
-
-    def __init__(self, transposed: bool = False) -> None:
-        super().__init__()
-        self.is_transposed = transposed
-        shape = (3, 5, 6) if transposed else (3, 6, 5)  # 3 experts, 5 → 6
-        self.stack = nn.Parameter(torch.randn(shape) / 3)
-        self.gate = nn.Parameter(torch.randn(3, 5) / 3)  # a 2-D router weight
-        self.norm = nn.LayerNorm(6)
-
-    def forward(self, x):
-        weights = self.stack if self.is_transposed else self.stack.mT  # E × in × out
-        routes = torch.softmax(x @ self.gate.t(), dim=-1)  # tokens × E
-        per_expert = torch.einsum("ti,eio->teo", x, weights)
-        return self.norm((routes[..., None] * per_expert).sum(1))
-
-
-class Net(nn.Module):
-    def __init__(self, transposed: bool) -> None:
-        super().__init__()
-        self.moe = Experts(transposed)  # PEFT cannot target parameters of its root module
-
-    def forward(self, x):
-        return self.moe(x)
-
-
-def make_experts(transposed: bool = False):
-    return Net(transposed), {"x": torch.randn(7, 5)}
-
-
 PLAIN_SPEC = dh.LoRA(targets=["stack", "gate"], r=2, alpha=3)
-
-
-# ------------------------------------------------------------------ the method bar
-@pytest.mark.parametrize("make", [mixtral, make_experts], ids=["mixtral", "plain"])
-def test_identity_training_files_and_detach(make, tmp_path):
-    spec = SPEC if make is mixtral else PLAIN_SPEC
-    delta = check_identity_training_files_and_detach(make, spec, tmp_path)
-    assert not delta.attached
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# these specs from tests/method_table.py
 
 
 def test_factors_are_per_expert_and_files_record_parameter_paths(tmp_path):
@@ -126,8 +85,9 @@ def test_the_formula_on_a_plain_expert_stack(transposed):
 
 @pytest.mark.parametrize("make", [mixtral, make_experts], ids=["mixtral", "plain"])
 def test_merge_unmerge_and_detach_exactly(make):
+    """(Merge ≈ hooked and an exact unmerge are the table's; here: no parametrization
+    is left while merged, and detach from merged restores the original tensors.)"""
     spec = SPEC if make is mixtral else PLAIN_SPEC
-    check_merge(make, spec)
     model, inputs = seeded(make)
     before = snapshot(model)
     delta = dh.attach(model, spec)
@@ -182,16 +142,6 @@ def test_every_experts_implementation_computes_the_stack_once_per_call(implement
         outputs.append(evaluate(model, inputs))
         assert len(calls) == 4, calls  # 2 layers × 2 parameters
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing(use_reentrant):
-    check_gradient_checkpointing(mixtral, SPEC, use_reentrant)
-
-
-def test_compile_fullgraph():
-    """On the plain stack (the same sites compile on tiny Mixtral too, in ~30 s)."""
-    check_compile(make_experts, PLAIN_SPEC)
 
 
 def test_loraplus_groups_take_parameter_targets():

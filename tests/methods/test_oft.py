@@ -8,10 +8,6 @@ import json
 import pytest
 import torch
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     loss,
@@ -25,69 +21,13 @@ from deltahooks.methods._orthogonal import cayley, nearest_divisor, skew_from_up
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import oft_net as make_net  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
-PLACES = {
-    "gpt2": ["c_attn", "mlp.c_proj", "wpe"],
-    "llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
-    "bert": ["query", "value", "output.dense"],
-    "t5": ["q", "v", "wo"],
-    "vit": ["q_proj", "v_proj", "fc2", "projection"],
-    "opt": ["q_proj", "v_proj", "fc2"],
-}
-SPECS = {name: dh.OFT(targets=targets) for name, targets in PLACES.items()}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.conv = nn.Conv1d(4, 6, 3, padding=1, groups=2)
-        self.conv2 = nn.Conv2d(6, 4, (3, 2), padding=1)
-        self.up = nn.Linear(4, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, ids):
-        h = torch.relu(self.conv(self.embed(ids).transpose(1, 2)))  # (N, 6, L)
-        h = self.conv2(h[:, :, None, :]).mean((2, 3))  # (N, 4)
-        return self.out(torch.relu(self.up(h)))
-
-
-def make_net():
-    return Net(), {"ids": torch.randint(0, 11, (2, 7))}
-
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# OFT's rows in tests/method_table.py
 
 NET_SPEC = dh.OFT(targets=["embed", "conv", "conv2", "up", "out"], block_size=2)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
-def test_identity_training_files_and_detach(name, tmp_path):
-    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path)
-
-
-def test_plain_torch_identity_training_files_and_detach(tmp_path):
-    check_identity_training_files_and_detach(make_net, NET_SPEC, tmp_path)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama", "vit"])
-def test_merge_and_unmerge_exactly(name):
-    check_merge(MODELS[name], SPECS[name])
-
-
-@pytest.mark.parametrize("exact", [False, True])
-def test_plain_torch_merge_and_unmerge_exactly(exact):
-    check_merge(make_net, dh.OFT(targets=NET_SPEC.targets, use_cayley_neumann=not exact))
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_gradient_checkpointing(name, use_reentrant):
-    check_gradient_checkpointing(MODELS[name], SPECS[name], use_reentrant)
-
-
-def test_compile_fullgraph():
-    """Input (Linear), output (Embedding) and weight (conv) sites, no graph break."""
-    check_compile(make_net, NET_SPEC)
 
 
 def blocks(vector: torch.Tensor, size: int, exact: bool) -> torch.Tensor:

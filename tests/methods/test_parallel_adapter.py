@@ -5,13 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from adapter_checks import (
-    check_checkpointing,
-    check_compile,
-    check_lifecycle,
-    check_refused,
-    plain,
-)
+from method_bar import check_refused
 from torch import nn
 
 import deltahooks as dh
@@ -20,21 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
-# whole blocks and attention modules (T5 blocks and OPT/ViT attention return tuples), BERT
-# ``output`` blocks and fc2 layers (whose input is the FFN's 48-wide intermediate state)
-TARGETS = {
-    "gpt2": [r"re:.*\.h\.\d+"],
-    "llama": [r"re:.*layers\.\d+", "o_proj"],
-    "bert": ["output"],
-    "t5": [r"re:.*block\.\d+"],
-    "vit": ["attention", "fc2"],
-    "opt": ["self_attn", "fc2"],
-}
+# the bar (identity, training, files, detach, merge refused, checkpointing, compile) runs for
+# ParallelAdapter's rows in tests/method_table.py
+
 ACTS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
-
-
-def spec(name: str, **kwargs) -> dh.ParallelAdapter:
-    return dh.ParallelAdapter(targets=TARGETS[name], bottleneck=4, **kwargs)
 
 
 def make_model():
@@ -63,7 +46,9 @@ def test_output_matches_the_formula_on_a_linear_of_another_width(activation):
 def test_a_bert_output_block_reads_its_intermediate_input():
     torch.manual_seed(0)
     model, _ = MODELS["bert"]()
-    delta = dh.attach(model.eval(), spec("bert", init="random"))
+    delta = dh.attach(
+        model.eval(), dh.ParallelAdapter(targets=["output"], bottleneck=4, init="random")
+    )
     block = model.bert.encoder.layer[0].output
     state = delta.state_dict()
     down = state["bert.encoder.layer.0.output.parallel_down"]
@@ -95,54 +80,33 @@ def test_tuple_outputs_change_their_first_element_only():
     assert second is x
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_lifecycle_on_tiny_transformers(name, tmp_path):
-    check_lifecycle(MODELS[name], spec(name), tmp_path)
-
-
-def test_lifecycle_on_plain_torch(tmp_path):
-    spec = dh.ParallelAdapter(targets=["0", "1", "2"], bottleneck=2)
-    check_lifecycle(plain(make_model, 4, 6), spec, tmp_path)
-
-
-@pytest.mark.parametrize("reentrant", [True, False])
-@pytest.mark.parametrize("name", ["llama", "bert"])
-def test_gradient_checkpointing_gives_the_same_gradients(name, reentrant):
-    check_checkpointing(MODELS[name], spec(name), reentrant)
-
-
-def test_compiles_without_graph_breaks():
-    check_compile(MODELS["llama"], spec("llama"))
-
-
 def test_bad_inputs_are_refused_with_the_model_unchanged():
     with pytest.raises(dh.SpecError, match="bottleneck=0 must be a positive integer"):
         dh.ParallelAdapter(targets=["0"], bottleneck=0)
     with pytest.raises(dh.SpecError, match="activation='swish' is unknown"):
         dh.ParallelAdapter(targets=["0"], activation="swish")
     model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 8), nn.Conv1d(8, 8, 1))
-    attach = lambda spec: lambda: dh.attach(model, spec)  # noqa: E731
     check_refused(
         model,
-        attach(dh.ParallelAdapter(targets=["1"], bottleneck=7)),
+        dh.ParallelAdapter(targets=["1"], bottleneck=7),
         dh.SpecError,
         r"bottleneck=7 is larger than the input width 6 of '1'.*bottleneck <= 6",
     )
     check_refused(
         model,
-        attach(dh.ParallelAdapter(targets=["0"], bottleneck=2)),
+        dh.ParallelAdapter(targets=["0"], bottleneck=2),
         dh.UnsupportedModuleError,
         r"'0' \(Embedding\) works on token ids",
     )
     check_refused(
         model,
-        attach(dh.ParallelAdapter(targets=["2"], bottleneck=2)),
+        dh.ParallelAdapter(targets=["2"], bottleneck=2),
         dh.UnsupportedModuleError,
         r"'2' \(Conv1d\) works on channels first",
     )
     check_refused(
         model,
-        attach(dh.ParallelAdapter(targets=["1"], bottleneck=2, hidden_size=6)),
+        dh.ParallelAdapter(targets=["1"], bottleneck=2, hidden_size=6),
         dh.SpecError,
         "output is 8 wide",
     )
@@ -156,7 +120,7 @@ def test_a_module_without_a_known_input_width_is_refused_by_name():
     model = nn.Sequential(Gate())
     check_refused(
         model,
-        lambda: dh.attach(model, dh.ParallelAdapter(targets=["0"], bottleneck=2)),
+        dh.ParallelAdapter(targets=["0"], bottleneck=2),
         dh.SpecError,
         r"input width of '0' \(Gate\).*pass hidden_size=",
     )

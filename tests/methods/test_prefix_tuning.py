@@ -248,15 +248,6 @@ def test_a_deep_copy_or_pickle_of_the_model_carries_working_prefixes():
             assert not torch.equal(twin(**inputs).logits, want)
 
 
-def test_merge_is_refused_and_changes_nothing():
-    model, _, _ = build("llama")
-    delta = dh.attach(model, dh.PrefixTuning(num_tokens=P, hidden=8))
-    before = snapshot(model)
-    with pytest.raises(dh.UnsupportedOperationError, match="extra keys and values"):
-        delta.merge()
-    assert_restored(model, before)
-
-
 def checkpointing_grads(name, checkpointing, reentrant, reparameterize=True):
     """Loss and delta gradients of one training step, dropout off (so runs compare)."""
     model, inputs, labels = build(name)

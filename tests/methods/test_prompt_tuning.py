@@ -212,16 +212,6 @@ def test_a_deep_copy_or_pickle_of_the_model_carries_a_working_prompt():
             assert not torch.equal(twin(**inputs).logits, want)
 
 
-def test_merge_is_refused_and_changes_nothing():
-    model, _, _ = build("llama")
-    delta = dh.attach(model, dh.PromptTuning(num_tokens=P))
-    before = snapshot(model)
-    with pytest.raises(dh.UnsupportedOperationError, match="prompt is part of the input"):
-        delta.merge()
-    assert_restored(model, before)
-    assert not delta.merged
-
-
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     grads = []

@@ -255,19 +255,6 @@ def test_save_then_load_on_a_fresh_model_is_exact(name, tmp_path):
     assert_restored(fresh, before)
 
 
-def test_merge_is_refused_and_changes_nothing():
-    model, inputs = tiny("llama")
-    delta = dh.attach(model, dh.ReFT(targets=LAYERS["llama"]))
-    before = snapshot(model)
-    with torch.no_grad():
-        hooked = logits(model, inputs)
-        with pytest.raises(dh.UnsupportedOperationError, match="token positions"):
-            delta.merge()
-        assert_outputs_equal(logits(model, inputs), hooked)
-    assert_restored(model, before)
-    assert not delta.merged
-
-
 def test_deepcopy_carries_a_working_delta():
     model, inputs = tiny("gpt2")
     dh.attach(model, dh.ReFT(targets=LAYERS["gpt2"]))

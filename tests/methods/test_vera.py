@@ -9,10 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_bar import (
-    check_compile,
-    check_gradient_checkpointing,
-    check_identity_training_files_and_detach,
-    check_merge,
     check_refused,
     evaluate,
     loss,
@@ -27,7 +23,11 @@ import deltahooks as dh
 
 transformers = pytest.importorskip("transformers")
 
+from method_nets import vera_net as make_net  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
+
+# the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
+# VeRA's rows in tests/method_table.py
 
 # layers of different widths, so every target uses its own corner of the projections
 PLACES = {
@@ -38,42 +38,6 @@ PLACES = {
     "vit": ["q_proj", "fc2"],
     "opt": ["q_proj", "fc2"],
 }
-SPECS = {name: dh.VeRA(targets=t, r=16) for name, t in PLACES.items()}
-
-
-def make_net():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4), nn.Linear(4, 3))
-    return model, {"input": torch.randn(5, 6)}
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_identity_training_files_and_detach(name, tmp_path):
-    # λ_b starts at zero, so λ_d gets its first gradient only after a step
-    check_identity_training_files_and_detach(MODELS[name], SPECS[name], tmp_path, every_grad=False)
-
-
-@pytest.mark.parametrize("save_projection", [True, False])
-def test_plain_torch_identity_training_files_and_detach(save_projection, tmp_path):
-    spec = dh.VeRA(targets=nn.Linear, r=8, save_projection=save_projection)
-    check_identity_training_files_and_detach(make_net, spec, tmp_path, every_grad=False)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_merge_and_unmerge_exactly(name):
-    check_merge(MODELS[name], SPECS[name])
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_gradient_checkpointing(name, use_reentrant):
-    check_gradient_checkpointing(
-        MODELS[name], dh.VeRA(targets=PLACES[name], r=16, dropout=0.1), use_reentrant
-    )
-
-
-def test_compile_fullgraph():
-    check_compile(MODELS["llama"], SPECS["llama"])
 
 
 def test_the_formula_with_projection_corners():
