@@ -419,13 +419,11 @@ OTHERS = [
         "llama", dh.ReFT(targets=r"re:model\.layers\.\d+"), "default", merge="token positions"
     ),
     # a prompt or a prefix changes what attention sees from the start: only disabled is the
-    # base model. (Prompt tuning's random init reads the embeddings' scale, which the meta
-    # device has not: attach raises torch's RuntimeError there.)
+    # base model.
     Row(
         "llama",
         dh.PromptTuning(num_tokens=4),
         identity=False,
-        meta=False,
         merge="prompt is part of the input",
     ),
     Row(

@@ -144,6 +144,15 @@ def extend_cross_mask(
 @torch.no_grad()
 def initialise(prompt: torch.Tensor, weight: torch.Tensor, init: str, init_text) -> None:
     vocab = weight.shape[0]
+    if init == "text":
+        too_big = [i for i in init_text if i >= vocab]
+        if too_big:
+            raise SpecError(
+                f"init_text holds token ids {too_big[:5]} outside the vocabulary of {vocab}; "
+                "tokenize init_text with this model's tokenizer"
+            )
+    if prompt.is_meta or weight.is_meta:
+        return  # a model on the meta device has no values to start from: dh.load brings them
     if init == "random":
         std = float(weight.float().std()) if weight.numel() > 1 else 1.0
         nn.init.normal_(prompt, std=std if math.isfinite(std) and std > 0 else 1.0)
@@ -151,12 +160,6 @@ def initialise(prompt: torch.Tensor, weight: torch.Tensor, init: str, init_text)
     if init == "vocab":
         ids = torch.randint(0, vocab, (prompt.shape[0],))
     else:
-        too_big = [i for i in init_text if i >= vocab]
-        if too_big:
-            raise SpecError(
-                f"init_text holds token ids {too_big[:5]} outside the vocabulary of {vocab}; "
-                "tokenize init_text with this model's tokenizer"
-            )
         repeats = -(-prompt.shape[0] // len(init_text))
         ids = torch.tensor((list(init_text) * repeats)[: prompt.shape[0]])
     prompt.copy_(weight[ids.to(weight.device)])
