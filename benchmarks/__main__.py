@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import DTYPES, SHAPES
+from .harness import SHAPES, base_parser
 from .methods import BENCHMARK_OF, BENCHMARKS, METHODS
 from .report import report
 from .rows import Benchmark, Method, memory_worker
@@ -37,18 +37,12 @@ SHAPE_FLAGS = {name: shape for b in BENCHMARKS for name, shape in b.shapes.items
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="methods: " + ", ".join(METHODS),
-    )
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.prog = "python -m benchmarks"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "methods: " + ", ".join(METHODS)
     parser.add_argument("--method", help="all, or comma-separated names (see --list)")
     parser.add_argument("--list", action="store_true", help="print the table of methods")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: smoke run")
     parser.add_argument("--small", action="store_true", help="VeRA/AdaLoRA's recorded shapes")
     for name, (ref, quick) in SHAPE_FLAGS.items():
         default = SHAPES.get(name, (ref, quick))

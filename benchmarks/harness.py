@@ -50,6 +50,41 @@ BUSY_WARNING = 0.10  # others' share of the CPUs above which timings are flagged
 Phase = tuple[dict[str, list[float]], float | None]  # times per case, others' CPU share
 
 
+# ------------------------------------------------------------------ command line
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Device, dtype, threads and ``--quick``; then come a script's own flags and shapes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: smoke run")
+    return parser
+
+
+def add_shape_flags(parser: argparse.ArgumentParser, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """One flag per workload shape (``--memory-steps`` for ``memory_steps``); see fill_shapes."""
+    for name, (ref, quick) in shapes.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=None, help=f"default {ref} ({quick} quick)")
+
+
+def fill_shapes(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    shapes: Mapping[str, tuple[int, int]],
+    small: Mapping[str, int] | None = None,
+) -> argparse.Namespace:
+    """Shapes not given on the command line: ``--quick``'s, ``--small``'s or the reference."""
+    for name, (ref, quick) in shapes.items():
+        if getattr(args, name) is None:
+            if small is not None and args.small:
+                ref = small.get(name, ref)
+            setattr(args, name, quick if args.quick else ref)
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be >= 1 and --warmup >= 0")
+    return args
+
+
 # ---------------------------------------------------------------------- workload
 def build_base(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype, extra_positions: int = 0
