@@ -4,8 +4,8 @@
 # launch-bound shape (d=512 x 8, 4 x 128), the same with LoRA dropout 0.05 (our own mask
 # draws and autograd path on CUDA), the torch.compile'd train step, and LoRA on a
 # bitsandbytes NF4 base against PEFT's QLoRA (bf16 compute, CUDA memory).
-# Tables land in benchmarks/results/gpu/ with date, device and versions (each script
-# writes them). Run from the repository root:
+# Tables land in benchmarks/results/gpu/ with date, device and versions (the harness,
+# `python -m benchmarks`, writes them). Run from the repository root:
 #
 #   bash benchmarks/gpu_suite.sh            # on a machine with CUDA
 #   bash benchmarks/gpu_suite.sh --dry-run  # CPU, tiny shapes: checks the script works
@@ -39,9 +39,9 @@ step() {  # step NAME SECONDS COMMAND...
     echo "!! $name failed or ran past ${limit}s" | tee "$out/$name.failed"
   fi
 }
-step lora_1b 150 python benchmarks/lora_vs_peft.py "${device[@]}" "${big[@]}"
-step lora_launch_bound 45 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}"
-step lora_dropout 35 python benchmarks/lora_vs_peft.py "${device[@]}" "${small[@]}" --dropout 0.05
-step compiled 80 python benchmarks/compiled_vs_peft.py "${device[@]}" "${compiled[@]}"
-step qlora 50 python benchmarks/qlora_vs_peft.py "${qlora[@]}"
+step lora_1b 150 python -m benchmarks --method lora "${device[@]}" "${big[@]}"
+step lora_launch_bound 45 python -m benchmarks --method lora "${device[@]}" "${small[@]}"
+step lora_dropout 35 python -m benchmarks --method lora "${device[@]}" "${small[@]}" --dropout 0.05
+step compiled 80 python -m benchmarks --method compiled "${device[@]}" "${compiled[@]}"
+step qlora 50 python -m benchmarks --method qlora "${qlora[@]}"
 ls -l "$out"

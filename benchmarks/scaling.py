@@ -13,13 +13,13 @@ Method, per (layers, rank):
     cycle; detach restores the model exactly, so every cycle starts from the same state.
   - forward overhead: frozen base, ours and PEFT (identical LoRA factors copied into PEFT)
     run interleaved (A B C, C B A, ...), eval + no_grad; the figure is the median of the
-    per-round ratios to the base, as in ``lora_vs_peft.py``. The three models share the
+    per-round ratios to the base, as in ``python -m benchmarks --method lora``. The three models share the
     base weight tensors, so they read the same memory and the 32-layer sweep fits in RAM.
 
 Usage:
-    python benchmarks/scaling.py                 # layers 2,8,32 x ranks 4,16,64; minutes
-    python benchmarks/scaling.py --quick         # tiny smoke run
-    python benchmarks/scaling.py --device cuda --dtype bfloat16
+    python -m benchmarks.scaling                 # layers 2,8,32 x ranks 4,16,64; minutes
+    python -m benchmarks.scaling --quick         # tiny smoke run
+    python -m benchmarks.scaling --device cuda --dtype bfloat16
 
 Writes ``benchmarks/out/scaling.md`` and ``benchmarks/out/scaling.png``.
 """
@@ -34,13 +34,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
-import lora_vs_peft as lvp
 import torch
-from _method_vs_peft import BUSY_WARNING, device_name
 from torch import nn
 
-dh = lvp.dh  # deltahooks, imported (or found beside us) by lora_vs_peft
+import deltahooks as dh
+
+from . import _timing as timing
+from .harness import BUSY_WARNING, DTYPES, build_base, forward_fn, make_batch, max_diff, trainable
+from .methods import LINEARS, METHODS
+from .report import device_name
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "scaling.md"
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--{name}", type=int_list, default=None, help=f"default {ref} ({quick} quick)"
         )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=sorted(lvp.DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: smoke run")
     for name, (ref, quick) in SHAPES.items():
@@ -97,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def workload(args: argparse.Namespace, layers: int, rank: int) -> argparse.Namespace:
-    """The namespace ``lora_vs_peft``'s helpers expect, for one point of the sweep."""
+    """The namespace LoRA's row of the table expects, for one point of the sweep."""
     point = copy.copy(args)
     point.layers = layers
     point.rank = rank
@@ -119,7 +121,7 @@ def sharing_copy(model: nn.Module) -> nn.Module:
 
 def spec_for(rank: int) -> dh.LoRA:
     """What a user would attach: default init, alpha = 2r, all seven linear kinds."""
-    return dh.LoRA(targets=lvp.TARGETS, r=rank, alpha=2.0 * rank, dropout=0.0)
+    return dh.LoRA(targets=LINEARS, r=rank, alpha=2.0 * rank, dropout=0.0)
 
 
 # -------------------------------------------------------------------- measurement
@@ -188,22 +190,21 @@ def measure(
     )
 
     ours_model = sharing_copy(base)
-    delta = lvp.attach_ours(ours_model, point)  # random A and B: equal, non-trivial work
-    peft_model = lvp.attach_peft(sharing_copy(base), point)
-    lvp.copy_lora_into_peft(delta, peft_model)
+    # LoRA's row: random A and B, the same on both sides: equal, non-trivial work
+    delta, peft_model, _ = METHODS["lora"].pair(ours_model, sharing_copy(base), point)
     peft_model.eval()
-    peft_params = sum(p.numel() for p in lvp.trainable(peft_model))
+    peft_params = sum(p.numel() for p in trainable(peft_model))
     if peft_params != params or len(delta.paths) != adapted:
         raise SystemExit(f"ours and PEFT differ: {params} vs {peft_params} trainable params")
 
     cases = {
-        "base": lvp.forward_fn(base, ids),
-        "ours": lvp.forward_fn(ours_model, ids),
-        "peft": lvp.forward_fn(peft_model, ids),
+        "base": forward_fn(base, ids),
+        "ours": forward_fn(ours_model, ids),
+        "peft": forward_fn(peft_model, ids),
     }
     ours_logits = cases["ours"]()
-    gap = lvp.max_diff(ours_logits, cases["peft"]())
-    effect = lvp.max_diff(ours_logits, cases["base"]())  # proves the LoRA path ran
+    gap = max_diff(ours_logits, cases["peft"]())
+    effect = max_diff(ours_logits, cases["base"]())  # proves the LoRA path ran
     del ours_logits
     with timing.Contention() as busy:
         times = timing.interleave(cases, rounds=point.rounds, warmup=point.warmup, device=device)
@@ -290,7 +291,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> list[str]:
         f"workload: Llama hidden={args.hidden} intermediate={args.intermediate} "
         f"heads={args.heads} vocab={args.vocab}, layers {args.layers}, random weights, "
         f"{args.dtype}; batch {args.batch} x {args.seq} tokens, eval + no_grad",
-        f"LoRA: r in {args.ranks}, alpha = 2r, dropout 0, on {','.join(lvp.TARGETS)}",
+        f"LoRA: r in {args.ranks}, alpha = 2r, dropout 0, on {','.join(LINEARS)}",
         f"timing: attach/detach median of {args.attach_rounds} cycles after 1 warm-up; "
         f"forward {args.warmup} warm-up + {args.rounds} interleaved rounds of base/ours/PEFT, "
         "ratio = median of per-round ratios to the base",
@@ -344,15 +345,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     device = torch.device(args.device)
-    dtype = lvp.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     env = environment(args, device)
     print("\n".join(env))
 
     rows: list[Row] = []
     for layers in args.layers:
-        base = lvp.build_base(workload(args, layers, args.ranks[0]), device, dtype)
-        ids = lvp.make_batch(args, device)
+        base = build_base(workload(args, layers, args.ranks[0]), device, dtype)
+        ids = make_batch(args, device)
         for rank in args.ranks:
             row = measure(base, workload(args, layers, rank), ids, device)
             rows.append(row)

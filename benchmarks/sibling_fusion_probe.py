@@ -21,8 +21,8 @@ yet fused) and its later calls differed in the last bits (2e-7), and a freshly l
 delta no longer reproduced a trained one exactly; see benchmarks/README.md.
 
 Usage:
-    python benchmarks/sibling_fusion_probe.py            # reference Llama, ~1 minute
-    python benchmarks/sibling_fusion_probe.py --quick
+    python -m benchmarks.sibling_fusion_probe            # reference Llama, ~1 minute
+    python -m benchmarks.sibling_fusion_probe --quick
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ import copy
 import warnings
 from collections.abc import Callable
 
-import _timing as timing  # benchmarks/ is sys.path[0] when run as a script
 import torch
 import torch.nn.functional as F
-from _method_vs_peft import (
+from torch import nn
+
+from . import _timing as timing
+from .harness import (
     MODEL_SHAPES,
     add_shape_flags,
     base_parser,
@@ -44,8 +46,7 @@ from _method_vs_peft import (
     make_batch,
     timed_phase,
 )
-from lora_vs_peft import floor_step
-from torch import nn
+from .measures import floor_step
 
 SHAPES = {**MODEL_SHAPES, "rounds": (9, 2), "warmup": (2, 1)}
 # modules of one Llama layer that read the same input, in call order
