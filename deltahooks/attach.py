@@ -197,8 +197,8 @@ def attach(
             shared_entries.extend(entries.values())
             shared_by_spec.append(entries)
         parts = [
-            install_part(ledger, part, switch, shared_by_spec[part.spec_index])
-            for part in built.parts
+            install_part(ledger, part, index, switch, shared_by_spec[index])
+            for index, part in built.placed()
         ]
         keep_trainable_layout(ledger)
         watch = liveness.watch(ledger, switch, name, parts, specs, shared_entries)

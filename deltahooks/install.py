@@ -84,13 +84,14 @@ def install_site(ledger: Ledger, path: str, site: Site, switch: Switch, source) 
 
 
 def install_part(
-    ledger: Ledger, part: Part, switch: Switch, shared: dict[str, TensorEntry]
+    ledger: Ledger, part: Part, spec_index: int, switch: Switch, shared: dict[str, TensorEntry]
 ) -> InstalledPart:
     """Register the part's tensors once, then its sites (which merging takes away again).
 
-    ``shared`` are the ledger entries of its spec's shared tensors, by local name.
+    ``spec_index`` is which spec of its Delta made the part (the plan says), ``shared``
+    the ledger entries of that spec's shared tensors, by local name.
     """
-    record = InstalledPart(part, shared)
+    record = InstalledPart(part, spec_index, shared)
     for (owner, local), (value, is_parameter) in part.tensors.items():
         saved = (owner, local) not in part.unsaved
         record.entries.append(
@@ -111,9 +112,9 @@ class InstalledPart:
     and what merging swapped in (``merges``).
     """
 
-    def __init__(self, part: Part, shared: dict[str, TensorEntry]) -> None:
+    def __init__(self, part: Part, spec_index: int, shared: dict[str, TensorEntry]) -> None:
         self.path, self.target, self.note = part.path, part.target, part.note
-        self.spec_index = part.spec_index  # which spec of its Delta made it
+        self.spec_index = spec_index  # which spec of its Delta made it
         self.sites = part.sites
         self.merge_fn, self.cannot_merge = part.merge_fn, part.cannot_merge
         self.merge_order, self.exclusive_merge = part.merge_order, part.exclusive_merge
