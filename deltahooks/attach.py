@@ -16,10 +16,11 @@ from .delta import Delta, teardown
 from .errors import DeltaStateError, SpecError
 from .install import install_part
 from .ledger import Ledger
+from .merge_steps import refuse_layers_with_merged_scales
 from .planning import plan
 from .quantized_training import keep_trainable_layout
 from .registry import open_registry, registries_under
-from .spec import DeltaSpec, Part
+from .spec import DeltaSpec
 from .switch import Switch
 
 DEFAULT_NAME = "default"
@@ -53,23 +54,6 @@ def _as_specs(spec: DeltaSpec | Sequence[DeltaSpec]) -> tuple[DeltaSpec, ...]:
 
 def _is_spec_class(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, DeltaSpec)
-
-
-def _refuse_layers_with_merged_scales(model: nn.Module, parts: list[Part]) -> None:
-    """A merged scale (IA3) is part of its layer's weights; a new delta there would see the
-    scaled weights instead of scaled inputs/outputs, and unmerging would then change it."""
-    paths = {part.path for part in parts}
-    for _, _, registry in registries_under(model):
-        for other in registry.deltas.values():
-            if not other.merged:
-                continue
-            for part in other._parts:
-                if part.exclusive_merge and part.path in paths:
-                    raise DeltaStateError(
-                        f"delta {other.name!r} is merged into {part.path or '<root>'!r} as a "
-                        "scale of the layer; unmerge it before attaching another delta there "
-                        f"(delta.unmerge()), or choose other targets"
-                    )
 
 
 def attach(
@@ -177,7 +161,7 @@ def attach(
                 f"name=..., or detach it first (attached: {sorted(registry.deltas)})"
             )
     built = plan(model, specs)
-    _refuse_layers_with_merged_scales(model, built.parts)
+    refuse_layers_with_merged_scales(model, {part.path for part in built.parts})
 
     registry = open_registry(model)
     ledger = Ledger(model, name)

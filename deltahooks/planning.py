@@ -53,6 +53,16 @@ class Plan:
                     planned[join(owner, local)] = value
         return planned
 
+    def values(self) -> dict[tuple[str, str], torch.Tensor]:
+        """Every planned tensor by ``(owner path, local name)``, the shared ones on the root
+        (``""``): fresh starting values, as ``Delta.reset_parameters`` copies them in."""
+        values = {}
+        for shared in self.shared:
+            values.update({("", local): item.tensor for local, item in shared.items()})
+        for part in self.parts:
+            values.update({key: value for key, (value, _) in part.tensors.items()})
+        return values
+
 
 def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike = None) -> Plan:
     """Resolve, check and build every part without changing the model.
