@@ -19,6 +19,7 @@ from .call_hooks import InputHook, OutputHook, RootCallHook
 from .errors import SpecError, UnsupportedOperationError
 from .ledger import Ledger, TensorEntry, join
 from .merging import Merged, swap_in, swap_out
+from .planning import Plan
 from .runner import TensorSource
 from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, Site, WeightSite
 from .spec import Part
@@ -81,6 +82,31 @@ def install_site(ledger: Ledger, path: str, site: Site, switch: Switch, source) 
             installed.append(ledger.forward_pre_hook(owner, RedirectHook(switch, pairs)))
         return installed
     raise TypeError(f"unknown site {site!r}; use one of the site classes in deltahooks.sites")
+
+
+def install_plan(
+    ledger: Ledger, plan: Plan, switch: Switch
+) -> tuple[list[InstalledPart], list[TensorEntry]]:
+    """Install everything a plan holds: each spec's shared tensors on the root, then every
+    part with its sites. Returns the installed parts and the shared tensors' entries."""
+    shared_entries: list[TensorEntry] = []
+    shared_by_spec = []
+    for common in plan.shared:
+        entries = {
+            local: ledger.add_tensor(
+                "", local, value.tensor, parameter=value.trainable, saved=value.saved
+            )
+            for local, value in common.items()
+        }
+        if entries:
+            ledger.forgive_missing_delta_keys("")
+        shared_entries.extend(entries.values())
+        shared_by_spec.append(entries)
+    parts = [
+        install_part(ledger, part, index, switch, shared_by_spec[index])
+        for index, part in plan.placed()
+    ]
+    return parts, shared_entries
 
 
 def install_part(

@@ -17,7 +17,7 @@ from .errors import DeltaStateError
 from .install import InstalledPart
 from .ledger import Ledger
 from .merging import merged_on_top
-from .registry import registries_under
+from .registry import ModelRegistry
 
 MethodOf = Callable[[InstalledPart], str]  # the method name of a part, for messages
 
@@ -86,10 +86,15 @@ def unmerge_in_order(parts: Sequence[InstalledPart], ledger: Ledger) -> None:
         part.unmerge(ledger)
 
 
-def refuse_layers_with_merged_scales(model: nn.Module, paths: set[str]) -> None:
+def refuse_layers_with_merged_scales(
+    found: Sequence[tuple[str, nn.Module, ModelRegistry]], paths: set[str]
+) -> None:
     """A merged scale (IA3) is part of its layer's weights; a new delta there would see the
-    scaled weights instead of scaled inputs/outputs, and unmerging would then change it."""
-    for _, _, registry in registries_under(model):
+    scaled weights instead of scaled inputs/outputs, and unmerging would then change it.
+
+    ``found`` are the registries on the model (:func:`~deltahooks.registry.registries_under`).
+    """
+    for _, _, registry in found:
         for other in registry.deltas.values():
             if not other.merged:
                 continue
