@@ -16,7 +16,7 @@ from torch import nn
 from .attach import NAME_PATTERN, attach_with_state, deltas
 from .errors import DeltaError, DeltaFileError, DeltaStateError
 from .fitting import check_finite, check_layout
-from .io import read_header, read_tensors, stored_layout
+from .io import read_index, read_tensors
 from .planning import plan
 from .spec import METHODS, DeltaSpec
 from .targets import Paths, parameter_paths
@@ -68,9 +68,9 @@ def load(
         ['0']
     """
     where = os.fspath(path)
-    header = read_header(path)
+    header, stored = read_index(where)  # no tensor read before everything fits
     if into is not None:
-        return _swap_into(model, into, where, allow_nonfinite)
+        return _swap_into(model, into, where, stored, allow_nonfinite)
     specs = specs_from_header(header)
     paths = [p for part in header["parts"] for p in part["paths"]]
     missing = [p for p in paths if not _has_module(model, p)]
@@ -93,14 +93,14 @@ def load(
         raise DeltaFileError(
             f"{where!r}: its hyperparameters ask for tensors too large to exist ({err})"
         ) from None
-    check_layout(where, stored_layout(where), planned)
+    check_layout(where, stored, planned)
     tensors = read_tensors(where)  # no larger than the file itself
     if not allow_nonfinite:
         check_finite(where, tensors)
     return attach_with_state(model, specs, tensors, name=name, freeze_base=freeze_base)
 
 
-def _swap_into(model: nn.Module, delta, where: str, allow_nonfinite: bool):
+def _swap_into(model: nn.Module, delta, where: str, stored: dict, allow_nonfinite: bool):
     """Copy the file's tensors into an attached delta after checking they fit it exactly."""
     if not any(found is delta for found in deltas(model).values()):
         raise DeltaStateError(
@@ -112,7 +112,7 @@ def _swap_into(model: nn.Module, delta, where: str, allow_nonfinite: bool):
             f"delta {delta.name!r} is merged: new values would not reach the merged weights; "
             "call delta.unmerge() first"
         )
-    check_layout(where, stored_layout(where), delta.state_dict())
+    check_layout(where, stored, delta.state_dict())
     tensors = read_tensors(where)
     if not allow_nonfinite:
         check_finite(where, tensors)
