@@ -16,10 +16,9 @@ from .delta import Delta, teardown
 from .errors import DeltaStateError, SpecError
 from .install import install_plan
 from .ledger import Ledger
-from .merge_steps import refuse_layers_with_merged_scales
 from .planning import plan
 from .quantized_training import keep_trainable_layout
-from .registry import admit, refuse_nested_roots, registries_under
+from .registry import ModelRegistry, admit, refuse_nested_roots, registries_under
 from .spec import DeltaSpec
 from .switch import Switch
 
@@ -54,6 +53,27 @@ def _as_specs(spec: DeltaSpec | Sequence[DeltaSpec]) -> tuple[DeltaSpec, ...]:
 
 def _is_spec_class(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, DeltaSpec)
+
+
+def _refuse_layers_with_merged_scales(
+    found: Sequence[tuple[str, nn.Module, ModelRegistry]], paths: set[str]
+) -> None:
+    """A merged scale (IA3) is part of its layer's weights; a new delta there would see the
+    scaled weights instead of scaled inputs/outputs, and unmerging would then change it.
+
+    ``found`` are the registries on the model, as attach read them.
+    """
+    for _, _, registry in found:
+        for other in registry.deltas.values():
+            if not other.merged:
+                continue
+            for part in other._parts:
+                if part.exclusive_merge and part.path in paths:
+                    raise DeltaStateError(
+                        f"delta {other.name!r} is merged into {part.path or '<root>'!r} as a "
+                        "scale of the layer; unmerge it before attaching another delta there "
+                        f"(delta.unmerge()), or choose other targets"
+                    )
 
 
 def attach(
@@ -162,7 +182,7 @@ def attach(
                 f"name=..., or detach it first (attached: {sorted(registry.deltas)})"
             )
     built = plan(model, specs)
-    refuse_layers_with_merged_scales(found, {part.path for part in built.parts})
+    _refuse_layers_with_merged_scales(found, {part.path for part in built.parts})
     refuse_nested_roots(found)
 
     ledger = Ledger(model, name)

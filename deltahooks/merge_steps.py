@@ -11,13 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from torch import nn
-
 from .errors import DeltaStateError
 from .install import InstalledPart
 from .ledger import Ledger
 from .merging import merged_on_top
-from .registry import ModelRegistry
 
 MethodOf = Callable[[InstalledPart], str]  # the method name of a part, for messages
 
@@ -84,24 +81,3 @@ def unmerge_in_order(parts: Sequence[InstalledPart], ledger: Ledger) -> None:
     """Restore the original weights, in the reverse of the merge order."""
     for part in reversed(sorted(parts, key=lambda p: p.merge_order)):
         part.unmerge(ledger)
-
-
-def refuse_layers_with_merged_scales(
-    found: Sequence[tuple[str, nn.Module, ModelRegistry]], paths: set[str]
-) -> None:
-    """A merged scale (IA3) is part of its layer's weights; a new delta there would see the
-    scaled weights instead of scaled inputs/outputs, and unmerging would then change it.
-
-    ``found`` are the registries on the model (:func:`~deltahooks.registry.registries_under`).
-    """
-    for _, _, registry in found:
-        for other in registry.deltas.values():
-            if not other.merged:
-                continue
-            for part in other._parts:
-                if part.exclusive_merge and part.path in paths:
-                    raise DeltaStateError(
-                        f"delta {other.name!r} is merged into {part.path or '<root>'!r} as a "
-                        "scale of the layer; unmerge it before attaching another delta there "
-                        f"(delta.unmerge()), or choose other targets"
-                    )
