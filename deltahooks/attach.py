@@ -14,12 +14,12 @@ from torch import nn
 from . import liveness
 from .delta import Delta, teardown
 from .errors import DeltaStateError, SpecError
-from .install import install_part
+from .install import install_plan
 from .ledger import Ledger
 from .planning import plan
 from .quantized_training import keep_trainable_layout
-from .registry import open_registry, registries_under
-from .spec import DeltaSpec, Part
+from .registry import ModelRegistry, admit, refuse_nested_roots, registries_under
+from .spec import DeltaSpec
 from .switch import Switch
 
 DEFAULT_NAME = "default"
@@ -55,11 +55,15 @@ def _is_spec_class(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, DeltaSpec)
 
 
-def _refuse_layers_with_merged_scales(model: nn.Module, parts: list[Part]) -> None:
+def _refuse_layers_with_merged_scales(
+    found: Sequence[tuple[str, nn.Module, ModelRegistry]], paths: set[str]
+) -> None:
     """A merged scale (IA3) is part of its layer's weights; a new delta there would see the
-    scaled weights instead of scaled inputs/outputs, and unmerging would then change it."""
-    paths = {part.path for part in parts}
-    for _, _, registry in registries_under(model):
+    scaled weights instead of scaled inputs/outputs, and unmerging would then change it.
+
+    ``found`` are the registries on the model, as attach read them.
+    """
+    for _, _, registry in found:
         for other in registry.deltas.values():
             if not other.merged:
                 continue
@@ -170,42 +174,25 @@ def attach(
         raise SpecError(
             f"delta name {name!r} must be an identifier (letters, digits, '_'), e.g. 'task_a'"
         )
-    for _, _, registry in registries_under(model):
+    found = list(registries_under(model))  # the deltas already on the model, read once
+    for _, _, registry in found:
         if name in registry.deltas:
             raise DeltaStateError(
                 f"a delta named {name!r} is already attached to this model; pass another "
                 f"name=..., or detach it first (attached: {sorted(registry.deltas)})"
             )
     built = plan(model, specs)
-    _refuse_layers_with_merged_scales(model, built.parts)
+    _refuse_layers_with_merged_scales(found, {part.path for part in built.parts})
+    refuse_nested_roots(found)
 
-    registry = open_registry(model)
     ledger = Ledger(model, name)
     switch = Switch(name)
     try:
-        shared_entries = []
-        shared_by_spec = []
-        for common in built.shared:
-            entries = {
-                local: ledger.add_tensor(
-                    "", local, value.tensor, parameter=value.trainable, saved=value.saved
-                )
-                for local, value in common.items()
-            }
-            if entries:
-                ledger.forgive_missing_delta_keys("")
-            shared_entries.extend(entries.values())
-            shared_by_spec.append(entries)
-        parts = [
-            install_part(ledger, part, switch, shared_by_spec[part.spec_index])
-            for part in built.parts
-        ]
+        parts, shared = install_plan(ledger, built, switch)
         keep_trainable_layout(ledger)
-        watch = liveness.watch(ledger, switch, name, parts, specs, shared_entries)
-        delta = Delta(model, name, specs, parts, shared_entries, ledger, switch, freeze_base, watch)
-        registry.deltas[name] = delta
-        if freeze_base:
-            registry.freeze_base(model, name)
+        watch = liveness.watch(ledger, switch, name, parts, specs, shared)
+        delta = Delta(model, name, specs, parts, shared, ledger, switch, freeze_base, watch)
+        admit(model, name, delta, freeze_base)
     except BaseException:
         teardown(model, name, ledger, freeze_base)
         raise

@@ -7,7 +7,8 @@ layout, sharded or not), or :data:`DEMO_MODEL` for the demo's bundled MiniLM-L6.
 A merged checkpoint is the input folder rewritten: every tensor the merge changed is
 replaced (in its stored dtype), every other tensor is copied byte for byte, the shards
 and the index keep their names and layout, and the other files (config, tokenizer, ...)
-are copied, so ``from_pretrained`` loads it without deltahooks.
+are copied, so ``from_pretrained`` loads it without deltahooks. The file work (shards,
+their shapes, writing the new folder whole) is :mod:`deltahooks.checkpoint_files`.
 """
 
 from __future__ import annotations
@@ -15,17 +16,23 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import importlib.util
-import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint_files import (
+    Progress,
+    check_output,
+    copy_side_files,
+    publish,
+    staging_folder,
+    stored_shapes,
+    weight_files,
+    write_shards,
+)
 from .demo import load_model as demo_model
 from .errors import DeltaError, DeltaFileError
 from .io import read_header
@@ -35,12 +42,6 @@ from .merging import stored
 
 DEMO_MODEL = "minilm"
 """The name that stands for the demo's MiniLM-L6 (as ``deltahooks demo`` builds it)."""
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-
-Progress = Callable[[str], None]
 
 
 def _quiet(_: str) -> None:
@@ -150,29 +151,6 @@ def _demo_model() -> nn.Module:
     return demo_model(seed=0)[0]
 
 
-def weight_files(folder: str) -> list[str]:
-    """The safetensors files of a checkpoint folder, as its index lists them (or the one file)."""
-    index = os.path.join(folder, INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as handle:
-                files = sorted(set(json.load(handle)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise DeltaFileError(f"{index!r} is not a safetensors index ({err})") from None
-        missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
-        if missing:
-            raise DeltaFileError(f"{index!r} names shards that are not there: {missing}")
-        return files
-    if os.path.isfile(os.path.join(folder, SINGLE)):
-        return [SINGLE]
-    others = sorted(n for n in os.listdir(folder) if n.endswith(OTHER_WEIGHTS))
-    found = f" (found {others}: pickled or other formats are not read)" if others else ""
-    raise DeltaFileError(
-        f"model folder {folder!r} has no {SINGLE} or {INDEX}{found}; save the model with "
-        "save_pretrained(..., safe_serialization=True) first"
-    )
-
-
 def _stored_tensors(model: nn.Module) -> dict[tuple[str, str], int]:
     """(module path, attribute) → data pointer of every stored parameter and buffer."""
     found = {}
@@ -199,31 +177,6 @@ def _checkpoint_key(key: str, keys: set[str], prefix: str) -> str | None:
     if prefix:
         candidates += [key.removeprefix(f"{prefix}."), f"{prefix}.{key}"]
     return next((name for name in candidates if name in keys), None)
-
-
-def _layout(folder: str, files: list[str]) -> dict[str, tuple[str, list[int]]]:
-    layout = {}
-    for name in files:
-        try:
-            with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                for key in handle.keys():
-                    layout[key] = (name, handle.get_slice(key).get_shape())
-        except (SafetensorError, OSError) as err:
-            raise DeltaFileError(f"cannot read {name!r} in {folder!r}: {err}") from None
-    return layout
-
-
-def _check_output(out_dir: str, folder: str) -> None:
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise DeltaFileError(f"output {out_dir!r} is a file; name a new folder")
-        if os.path.samefile(out_dir, folder) or os.listdir(out_dir):
-            raise DeltaFileError(
-                f"output folder {out_dir!r} is not empty; name a new folder (nothing is overwritten)"
-            )
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise DeltaFileError(f"cannot write {out_dir!r}: folder {parent!r} does not exist")
 
 
 def merge_checkpoint(
@@ -257,8 +210,8 @@ def merge_checkpoint(
     folder = check_folder(model_dir)
     files = weight_files(folder)
     read_header(delta_path)  # a bad delta file fails before the model loads
-    layout = _layout(folder, files)
-    _check_output(out_dir, folder)
+    layout = stored_shapes(folder, files)
+    check_output(out_dir, folder)
     progress(f"loading {folder} ({len(files)} weight file{'s' * (len(files) > 1)})")
     model = load_model(folder, dtype=dtype)
     before = _stored_tensors(model)
@@ -281,24 +234,12 @@ def merge_checkpoint(
                 "loaded model; save the checkpoint again with save_pretrained"
             )
         replace[name] = value
-    _check_output(out_dir, folder)  # again: the merge took a while
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    staging = tempfile.mkdtemp(prefix=".deltahooks-merge-", dir=parent)
+    check_output(out_dir, folder)  # again: the merge took a while
+    staging = staging_folder(out_dir)
     try:
-        for number, name in enumerate(files, 1):
-            progress(f"writing {name} ({number}/{len(files)})")
-            with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                metadata = handle.metadata()
-                tensors = {}
-                for key in handle.keys():
-                    tensor = handle.get_tensor(key)
-                    if key in replace:
-                        tensor = replace[key].detach().to("cpu", tensor.dtype).contiguous()
-                    tensors[key] = tensor
-            save_file(tensors, os.path.join(staging, name), metadata)
-            del tensors
-        copied = _copy_side_files(folder, staging, set(files), progress)
-        _publish(staging, out_dir)
+        write_shards(folder, files, staging, replace, progress)
+        copied = copy_side_files(folder, staging, set(files), progress)
+        publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -306,16 +247,10 @@ def merge_checkpoint(
     return files + copied
 
 
-def _publish(staging: str, out_dir: str) -> None:
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # empty, checked before
-    os.rename(staging, out_dir)
-
-
 def _merge_demo(delta_path: str | os.PathLike, out_dir: str, progress: Progress) -> list[str]:
     """The demo's model has no checkpoint of its own (its head is new): save_pretrained it."""
     folder = _demo_folder()
-    _check_output(out_dir, folder)
+    check_output(out_dir, folder)
     progress(f"loading {DEMO_MODEL} (the demo's MiniLM-L6 with a 2-way classifier)")
     model = _demo_model()
     progress(f"merging {os.fspath(delta_path)}")
@@ -323,10 +258,8 @@ def _merge_demo(delta_path: str | os.PathLike, out_dir: str, progress: Progress)
     model.eval()
     delta.merge()
     state = {key: value for key, value in model.state_dict().items() if not is_reserved(key)}
-    _check_output(out_dir, folder)
-    staging = tempfile.mkdtemp(
-        prefix=".deltahooks-merge-", dir=os.path.dirname(os.path.abspath(out_dir))
-    )
+    check_output(out_dir, folder)
+    staging = staging_folder(out_dir)
     try:
         progress(f"writing {out_dir}")
         with _transformers() as transformers:
@@ -334,25 +267,8 @@ def _merge_demo(delta_path: str | os.PathLike, out_dir: str, progress: Progress)
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
             tokenizer.save_pretrained(staging)
         written = sorted(os.listdir(staging))
-        _publish(staging, out_dir)
+        publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return written
-
-
-def _copy_side_files(folder: str, out: str, written: set[str], progress: Progress) -> list[str]:
-    copied = []
-    for name in sorted(os.listdir(folder)):
-        source = os.path.join(folder, name)
-        if name in written or name.startswith("."):
-            continue
-        if name.endswith((".safetensors", *OTHER_WEIGHTS)):
-            progress(f"left out {name} (weights without the merge)")
-            continue
-        if os.path.isdir(source):
-            shutil.copytree(source, os.path.join(out, name))
-        else:
-            shutil.copy2(source, os.path.join(out, name))
-        copied.append(name)
-    return copied

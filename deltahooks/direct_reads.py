@@ -42,6 +42,7 @@ from .errors import UnsupportedModuleError
 from .layers import quantized_weight
 from .ledger import join
 from .merging import stored
+from .validate import name_of
 
 TENSORS = ("weight", "bias")
 # attributes of a tensor that describe it without reading its values
@@ -204,17 +205,19 @@ WHY = "via weight (the model reads this layer's tensors without calling it)"
 """What a summary says of a part that acts through a weight site for this reason."""
 
 
-def needs_weight_site(method: str, path: str, module: nn.Module, root: nn.Module) -> bool:
+def needs_weight_site(spec: object, path: str, module: nn.Module, root: nn.Module) -> bool:
     """Whether a method that acts on ``module``'s output must act on its tensors instead,
     because an ancestor reads them without calling it (:func:`direct_reads`).
+
+    ``spec`` is the spec asking (errors take the name of its class), or a method name.
 
     A quantized layer read that way cannot take a weight site (its weight is packed
     integers): :class:`~deltahooks.UnsupportedModuleError` says so.
 
     Example:
-        >>> import torch
+        >>> import torch, deltahooks as dh
         >>> attention = torch.nn.MultiheadAttention(8, 2)
-        >>> needs_weight_site("LoRA", "out_proj", attention.out_proj, attention)
+        >>> needs_weight_site(dh.LoRA(targets=["out_proj"]), "out_proj", attention.out_proj, attention)
         True
     """
     if not reads_directly(root, path):
@@ -222,7 +225,7 @@ def needs_weight_site(method: str, path: str, module: nn.Module, root: nn.Module
     stored_as = quantized_weight(module)
     if stored_as is not None:
         raise UnsupportedModuleError(
-            f"{method} cannot adapt {path!r} ({type(module).__name__}): the model reads its "
+            f"{name_of(spec)} cannot adapt {path!r} ({type(module).__name__}): the model reads its "
             f"weight directly instead of calling it, so the update must go into the weight, "
             f"and the layer has {stored_as}; exclude it from targets"
         )

@@ -19,6 +19,7 @@ from .call_hooks import InputHook, OutputHook, RootCallHook
 from .errors import SpecError, UnsupportedOperationError
 from .ledger import Ledger, TensorEntry, join
 from .merging import Merged, swap_in, swap_out
+from .planning import Plan
 from .runner import TensorSource
 from .sites import FlagSite, InputSite, OutputSite, RedirectSite, RootCallSite, Site, WeightSite
 from .spec import Part
@@ -83,14 +84,40 @@ def install_site(ledger: Ledger, path: str, site: Site, switch: Switch, source) 
     raise TypeError(f"unknown site {site!r}; use one of the site classes in deltahooks.sites")
 
 
+def install_plan(
+    ledger: Ledger, plan: Plan, switch: Switch
+) -> tuple[list[InstalledPart], list[TensorEntry]]:
+    """Install everything a plan holds: each spec's shared tensors on the root, then every
+    part with its sites. Returns the installed parts and the shared tensors' entries."""
+    shared_entries: list[TensorEntry] = []
+    shared_by_spec = []
+    for common in plan.shared:
+        entries = {
+            local: ledger.add_tensor(
+                "", local, value.tensor, parameter=value.trainable, saved=value.saved
+            )
+            for local, value in common.items()
+        }
+        if entries:
+            ledger.forgive_missing_delta_keys("")
+        shared_entries.extend(entries.values())
+        shared_by_spec.append(entries)
+    parts = [
+        install_part(ledger, part, index, switch, shared_by_spec[index])
+        for index, part in plan.placed()
+    ]
+    return parts, shared_entries
+
+
 def install_part(
-    ledger: Ledger, part: Part, switch: Switch, shared: dict[str, TensorEntry]
+    ledger: Ledger, part: Part, spec_index: int, switch: Switch, shared: dict[str, TensorEntry]
 ) -> InstalledPart:
     """Register the part's tensors once, then its sites (which merging takes away again).
 
-    ``shared`` are the ledger entries of its spec's shared tensors, by local name.
+    ``spec_index`` is which spec of its Delta made the part (the plan says), ``shared``
+    the ledger entries of that spec's shared tensors, by local name.
     """
-    record = InstalledPart(part, shared)
+    record = InstalledPart(part, spec_index, shared)
     for (owner, local), (value, is_parameter) in part.tensors.items():
         saved = (owner, local) not in part.unsaved
         record.entries.append(
@@ -111,9 +138,9 @@ class InstalledPart:
     and what merging swapped in (``merges``).
     """
 
-    def __init__(self, part: Part, shared: dict[str, TensorEntry]) -> None:
+    def __init__(self, part: Part, spec_index: int, shared: dict[str, TensorEntry]) -> None:
         self.path, self.target, self.note = part.path, part.target, part.note
-        self.spec_index = part.spec_index  # which spec of its Delta made it
+        self.spec_index = spec_index  # which spec of its Delta made it
         self.sites = part.sites
         self.merge_fn, self.cannot_merge = part.merge_fn, part.cannot_merge
         self.merge_order, self.exclusive_merge = part.merge_order, part.exclusive_merge

@@ -182,6 +182,15 @@ def stored_layout(path: str) -> dict[str, tuple[list[int], str]]:
         raise DeltaFileError(f"{path!r}: cannot read tensors ({err})") from None
 
 
+def read_index(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, tuple[list[int], str]]]:
+    """A delta file's header (:func:`read_header`) and each stored tensor's shape and dtype
+    (:func:`stored_layout`): all that ``dh.load`` checks before it reads a tensor."""
+    header = read_header(path)
+    return header, stored_layout(os.fspath(path))
+
+
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt") as handle:

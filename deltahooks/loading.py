@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from .attach import NAME_PATTERN, attach_with_state, deltas
 from .errors import DeltaError, DeltaFileError, DeltaStateError
-from .io import FLOAT_DTYPES, read_header, read_tensors, stored_layout
+from .fitting import check_finite, check_layout
+from .io import read_index, read_tensors
 from .planning import plan
 from .spec import METHODS, DeltaSpec
 from .targets import Paths, parameter_paths
@@ -68,9 +68,9 @@ def load(
         ['0']
     """
     where = os.fspath(path)
-    header = read_header(path)
+    header, stored = read_index(where)  # no tensor read before everything fits
     if into is not None:
-        return _swap_into(model, into, where, allow_nonfinite)
+        return _swap_into(model, into, where, stored, allow_nonfinite)
     specs = specs_from_header(header)
     paths = [p for part in header["parts"] for p in part["paths"]]
     missing = [p for p in paths if not _has_module(model, p)]
@@ -93,14 +93,14 @@ def load(
         raise DeltaFileError(
             f"{where!r}: its hyperparameters ask for tensors too large to exist ({err})"
         ) from None
-    _check_layout(where, stored_layout(where), planned)
+    check_layout(where, stored, planned)
     tensors = read_tensors(where)  # no larger than the file itself
     if not allow_nonfinite:
-        _check_finite(where, tensors)
+        check_finite(where, tensors)
     return attach_with_state(model, specs, tensors, name=name, freeze_base=freeze_base)
 
 
-def _swap_into(model: nn.Module, delta, where: str, allow_nonfinite: bool):
+def _swap_into(model: nn.Module, delta, where: str, stored: dict, allow_nonfinite: bool):
     """Copy the file's tensors into an attached delta after checking they fit it exactly."""
     if not any(found is delta for found in deltas(model).values()):
         raise DeltaStateError(
@@ -112,10 +112,10 @@ def _swap_into(model: nn.Module, delta, where: str, allow_nonfinite: bool):
             f"delta {delta.name!r} is merged: new values would not reach the merged weights; "
             "call delta.unmerge() first"
         )
-    _check_layout(where, stored_layout(where), delta.state_dict())
+    check_layout(where, stored, delta.state_dict())
     tensors = read_tensors(where)
     if not allow_nonfinite:
-        _check_finite(where, tensors)
+        check_finite(where, tensors)
     delta.load_state_dict(tensors)
     return delta
 
@@ -155,33 +155,3 @@ def _prefix_hint(model: nn.Module, paths: list[str]) -> str:
                 f"with dh.load(model.get_submodule({inner!r}), path)"
             )
     return ""
-
-
-def _check_layout(where: str, stored: dict, planned: dict[str, torch.Tensor]) -> None:
-    """The file's tensors are exactly the planned ones, shape for shape, float for float."""
-    missing = [k for k in planned if k not in stored]
-    extra = [k for k in stored if k not in planned]
-    if missing or extra:
-        raise DeltaFileError(
-            f"{where!r}: tensors do not match its own spec: missing {missing[:5]}, extra {extra[:5]}"
-        )
-    for key, want in planned.items():
-        shape, dtype = stored[key]
-        if shape != list(want.shape):
-            raise DeltaFileError(
-                f"{where!r}: tensor {key!r} has shape {shape}, but the model needs "
-                f"{list(want.shape)}"
-            )
-        if (dtype in FLOAT_DTYPES) != want.is_floating_point():
-            raise DeltaFileError(
-                f"{where!r}: tensor {key!r} has dtype {dtype}, the model needs {want.dtype}"
-            )
-
-
-def _check_finite(where: str, tensors: dict[str, torch.Tensor]) -> None:
-    for key, have in tensors.items():
-        if have.is_floating_point() and have.numel() and not bool(torch.isfinite(have).all()):
-            raise DeltaFileError(
-                f"{where!r}: tensor {key!r} contains NaN or Inf; pass allow_nonfinite=True "
-                "to load it anyway"
-            )

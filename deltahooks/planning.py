@@ -33,6 +33,11 @@ class Plan:
 
     parts: list[Part]
     shared: list[dict[str, SharedTensor]]  # per spec: shared tensors, stored on the root
+    spec_of: list[int]  # beside ``parts``: the index of the spec that made each one
+
+    def placed(self) -> list[tuple[int, Part]]:
+        """``(spec index, part)`` for every part, in attach order."""
+        return list(zip(self.spec_of, self.parts))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``{delta state_dict key: planned tensor}`` (what a file of this plan holds)."""
@@ -47,6 +52,16 @@ class Plan:
                 if (owner, local) not in part.unsaved:
                     planned[join(owner, local)] = value
         return planned
+
+    def values(self) -> dict[tuple[str, str], torch.Tensor]:
+        """Every planned tensor by ``(owner path, local name)``, the shared ones on the root
+        (``""``): fresh starting values, as ``Delta.reset_parameters`` copies them in."""
+        values = {}
+        for shared in self.shared:
+            values.update({("", local): item.tensor for local, item in shared.items()})
+        for part in self.parts:
+            values.update({key: value for key, (value, _) in part.tensors.items()})
+        return values
 
 
 def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike = None) -> Plan:
@@ -63,6 +78,7 @@ def plan(model: nn.Module, specs: tuple[DeltaSpec, ...], *, device: DeviceLike =
 def _plan(model: nn.Module, specs: tuple[DeltaSpec, ...], device: DeviceLike) -> Plan:
     parts: list[Part] = []
     shared: list[dict[str, SharedTensor]] = []
+    spec_of: list[int] = []
     owner: dict[tuple[str, str], str] = {}
 
     def claim(key: tuple[str, str], who: str) -> None:
@@ -101,8 +117,8 @@ def _plan(model: nn.Module, specs: tuple[DeltaSpec, ...], device: DeviceLike) ->
             refuse_quantized_merge(part, module)
             if dtype is not None:
                 part.cast(dtype)
-            part.spec_index = index
             for key in part.tensors:
                 claim(key, f"{spec.method} on {path!r}")
             parts.append(part)
-    return Plan(parts, shared)
+            spec_of.append(index)
+    return Plan(parts, shared, spec_of)

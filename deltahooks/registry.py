@@ -53,21 +53,28 @@ def registry_of(root: nn.Module) -> ModelRegistry | None:
     return root.__dict__.get(_KEY)
 
 
-def open_registry(root: nn.Module) -> ModelRegistry:
-    """The root's registry, created on first use; refuses nested roots."""
-    existing = registry_of(root)
-    if existing is not None:
-        return existing
-    for path, module in root.named_modules():
-        other = registry_of(module)
-        if path and other is not None and other.deltas:
+def refuse_nested_roots(found: list[tuple[str, nn.Module, ModelRegistry]]) -> None:
+    """Refuse a new root when a submodule already carries deltas attached with it as the
+    root. ``found`` is :func:`registries_under` of the new delta's root, read once."""
+    if any(path == "" for path, _, _ in found):
+        return  # the root has a registry already: its deltas were checked when it opened
+    for path, _, other in found:
+        if path and other.deltas:
             raise DeltaStateError(
                 f"submodule {path!r} already carries deltas {sorted(other.deltas)} attached "
                 "with it as the root; attach every delta of one model to the same root module"
             )
-    registry = ModelRegistry()
-    root.__dict__[_KEY] = registry
-    return registry
+
+
+def admit(root: nn.Module, name: str, delta: Delta, freeze_base: bool) -> None:
+    """Record an attached delta in the root's registry (opened on first use) and, for a
+    ``freeze_base`` delta, freeze the base parameters."""
+    registry = registry_of(root)
+    if registry is None:
+        registry = root.__dict__[_KEY] = ModelRegistry()
+    registry.deltas[name] = delta
+    if freeze_base:
+        registry.freeze_base(root, name)
 
 
 def close_registry_if_empty(root: nn.Module) -> None:

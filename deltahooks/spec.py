@@ -330,7 +330,6 @@ class Part:
         self.merge_order = merge_order
         self.exclusive_merge = exclusive_merge
         self.unsaved = {(path, local) for local in unsaved}
-        self.spec_index = 0  # which spec of its Delta made it (the plan sets it)
 
     def cast(self, dtype: torch.dtype) -> None:
         """The part's floating tensors in ``dtype`` (``unsaved`` ones, rebuilt from the

@@ -229,7 +229,7 @@ class AdaLoRA(DeltaSpec):
         # An output site, not a weight site: measured on CPU (train step, width 768, r=12),
         # the site is 1.5x (1024 tokens) to 2x (256 tokens) faster than rebuilding W + ΔW.
         names = ("lora_A", "lora_E", "lora_B")
-        direct = needs_weight_site("AdaLoRA", path, module, root)
+        direct = needs_weight_site(self, path, module, root)
         if direct:  # the model reads the weight without calling the layer: update it there
             if self.dropout and device is None:
                 warn(

@@ -228,7 +228,7 @@ class BitFit(DeltaSpec):
             return self._tensor_part(path.module_path, module, [path.name], device, path)
         if not self.takes_kind(module):  # its own bias Parameters
             return self._tensor_part(path, module, own_biases(module), device)
-        direct = needs_weight_site("BitFit", path, module, root)
+        direct = needs_weight_site(self, path, module, root)
         if direct and not has_bias(module):
             raise UnsupportedModuleError(
                 f"BitFit cannot add a bias to {path!r} ({type(module).__name__}): the model "

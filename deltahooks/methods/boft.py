@@ -197,7 +197,7 @@ class BOFT(DeltaSpec):
                 blocks.normal_(0.0, 0.1)
                 scale.normal_(1.0, 0.1)
         names = ("boft_R", "boft_s")
-        direct = kind != CONV and needs_weight_site("BOFT", path, module, root)
+        direct = kind != CONV and needs_weight_site(self, path, module, root)
         if kind == CONV:  # a filter's inputs overlap between positions: transform the weight
             sites, order = [WeightSite(transform_weight, "weight", names)], 0
         elif direct:  # the model reads the weight without calling the layer: transform it

@@ -217,7 +217,7 @@ class IA3(DeltaSpec):
             with torch.no_grad():
                 vector.normal_(1.0, 0.25)
         dim = channel_dim(module)  # a conv's input holds its channels where its output does
-        direct = needs_weight_site("IA3", path, module, root)
+        direct = needs_weight_site(self, path, module, root)
         if direct:  # the model reads the weight without calling the layer: scale it there
             groups = module.groups if kind == CONV else 1
             sites = [WeightSite(partial(scaled_weight, kind, feedforward, groups), "weight", NAMES)]

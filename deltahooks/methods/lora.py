@@ -256,7 +256,7 @@ class LoRA(DeltaSpec):
             return attention_part(self, path, module, root, device)
         rank, scale = self.rank_and_scale(path, module, root)
         kind = kind_of(module)
-        direct = needs_weight_site("LoRA", path, module, root)
+        direct = needs_weight_site(self, path, module, root)
         if self.init in RESIDUAL_INITS:
             check_residual_start(self.init, path, root, direct, rank, widths(module))
         weight = module.weight

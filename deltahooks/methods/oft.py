@@ -188,7 +188,7 @@ class OFT(DeltaSpec):
             with torch.no_grad():
                 vector.normal_(0.0, 0.1)
         terms = self.num_cayley_neumann_terms if self.use_cayley_neumann else None
-        direct = kind != CONV and needs_weight_site("OFT", path, module, root)
+        direct = kind != CONV and needs_weight_site(self, path, module, root)
         if kind == CONV:  # a filter's inputs overlap between positions: rotate the weight
             site, order = WeightSite(partial(rotate_weight, size, terms), "weight", ("oft_R",)), 0
         elif direct:  # the model reads the weight without calling the layer: rotate it there

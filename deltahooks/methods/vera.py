@@ -214,7 +214,7 @@ class VeRA(DeltaSpec):
         # tokens), the two tie at width 768 and the site is 1.35x faster at width 1536,
         # and it keeps no full-size W + ΔW alive for backward.
         names = ("vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b")
-        direct = needs_weight_site("VeRA", path, module, root)
+        direct = needs_weight_site(self, path, module, root)
         if direct:  # the model reads the weight without calling the layer: update it there
             if self.dropout and device is None:
                 warn(
