@@ -43,7 +43,7 @@ EXPORTERS: dict[str, Exporter] = {}
 """method → ``exporter(model, specs, parts) -> (config fields, tensors by bare PEFT key)``.
 
 ``specs`` are the delta's specs of that method (by ``spec_index`` order), ``parts`` their
-:class:`~deltahooks.delta.PartView` s; keys are without PEFT's ``base_model.model.``.
+:class:`~deltahooks.delta_tensors.PartView` s; keys are without PEFT's ``base_model.model.``.
 An exporter raises :class:`UnsupportedOperationError` for what PEFT cannot express.
 """
 
