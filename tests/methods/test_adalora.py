@@ -22,19 +22,12 @@ import deltahooks as dh
 transformers = pytest.importorskip("transformers")
 
 from method_nets import adalora_net as make_net  # noqa: E402
+from method_table import ADALORA_PLACES as PLACES  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
 # the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
 # AdaLoRA's rows in tests/method_table.py
 
-PLACES = {
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "llama": ["q_proj", "v_proj", "down_proj"],
-    "bert": ["query", "output.dense"],
-    "t5": ["q", "wo"],
-    "vit": ["q_proj", "fc2"],
-    "opt": ["q_proj", "fc2"],
-}
 NET_SPEC = dh.AdaLoRA(targets=["conv", "proj"], init_r=3, target_r=2, total_step=10)
 
 

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_nets import FullHead
 from model_checks import assert_restored, snapshot
 from torch import nn
 
 import deltahooks as dh
 
 
-class Head(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.dense = nn.Linear(4, 4)
-        self.norm = nn.BatchNorm1d(4)
-        self.out = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.out(self.norm(torch.tanh(self.dense(x))))
-
-
 def make_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 4), Head())
+    return nn.Sequential(nn.Linear(4, 4), FullHead())
 
 
 def test_trains_copies_and_leaves_originals_untouched():

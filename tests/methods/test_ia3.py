@@ -21,21 +21,13 @@ import deltahooks as dh
 transformers = pytest.importorskip("transformers")
 
 from method_nets import ia3_net as make_net  # noqa: E402
+from method_table import IA3_PLACES  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
 # the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
 # IA3's rows in tests/method_table.py
 
-# PEFT's own per-architecture IA3 targets; ViT (none in PEFT): keys, values, the MLP's
-# output, and its patch-embedding Conv2d
-PLACES = {
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-    "vit": (["k_proj", "v_proj", "fc2", "projection"], ["fc2"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-}
+PLACES = {name: IA3_PLACES[name] for name in MODELS}  # PEFT's own targets (ViT: ours)
 NET_SPEC = dh.IA3(targets=["embed", "conv", "down", "up", "out"], feedforward=["down", "out"])
 
 

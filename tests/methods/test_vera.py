@@ -24,20 +24,11 @@ import deltahooks as dh
 transformers = pytest.importorskip("transformers")
 
 from method_nets import vera_net as make_net  # noqa: E402
+from method_table import VERA_PLACES as PLACES  # noqa: E402
 from tiny_models import MODELS  # noqa: E402  (after the importorskip)
 
 # the bar (identity, training, files, detach, merge, checkpointing, compile) runs for
 # VeRA's rows in tests/method_table.py
-
-# layers of different widths, so every target uses its own corner of the projections
-PLACES = {
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "llama": ["q_proj", "k_proj", "down_proj"],
-    "bert": ["query", "output.dense"],
-    "t5": ["q", "wo"],
-    "vit": ["q_proj", "fc2"],
-    "opt": ["q_proj", "fc2"],
-}
 
 
 def test_the_formula_with_projection_corners():
